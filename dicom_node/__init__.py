@@ -1,0 +1,1 @@
+"""DICOM over the network (pynetdicom): association control, C-ECHO, C-STORE."""

@@ -1,0 +1,1 @@
+"""saf: store-and-forward hub for clinical imaging and records (the core)."""

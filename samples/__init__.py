@@ -1,0 +1,1 @@
+"""Synthetic, PHI-free sample studies and the generator that makes them."""

@@ -1,0 +1,1 @@
+"""The specialist's web viewer (worklist, case page, image viewer, reply); built in a later issue."""

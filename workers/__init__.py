@@ -1,0 +1,1 @@
+"""Celery app and thin tasks over saf functions (thumbnails, routing); built in a later issue."""
