@@ -1,0 +1,337 @@
+"""The `saf` command, and the composition root: the only module that assembles the services.
+
+Service packages (dicom_node, and later fhir_api, viewer, workers) are imported inside
+the commands that run them, so `saf` core never depends on them at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from saf.crypto import CryptoError
+from saf.hub import Hub, NotInitialisedError
+from saf.settings import Settings
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help="saf: store-and-forward hub for clinical imaging and records.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Key-encryption keys: list and rotate.", no_args_is_help=True)
+clinic_app = typer.Typer(help="Clinics and their DICOM AE titles.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(clinic_app, name="clinic")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print what went wrong and what to do, then exit."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (index, key ring, blobs) [SAF_DATA_DIR].")
+    ] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port [SAF_HTTP_PORT].")] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM port [SAF_DICOM_PORT].")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Options here override SAF_* environment variables."""
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {"data_dir": data_dir, "http_port": http_port, "dicom_port": dicom_port}.items()
+        if v is not None
+    }
+    ctx.obj = overrides
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("pynetdicom", "botocore", "boto3", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def settings_from(ctx: typer.Context, **extra: Any) -> Settings:
+    """Settings from the environment plus command-line overrides; a bad value exits cleanly."""
+    try:
+        return Settings(**{**(ctx.obj or {}), **extra})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        fail(f"invalid configuration: {problems}")
+
+
+def open_hub(ctx: typer.Context, *, create: bool = False, **extra: Any) -> Hub:
+    """Open the hub's storage, turning set-up problems into messages that say what to fix."""
+    settings = settings_from(ctx, **extra)
+    try:
+        return Hub.open(settings, create=create)
+    except NotInitialisedError as exc:
+        fail(str(exc))
+    except CryptoError as exc:
+        fail(f"key ring: {exc}")
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create the data directory, key ring (mode 0600) and database schema."""
+    hub = open_hub(ctx, create=True)
+    out.print(f"data dir   {hub.settings.data_dir.resolve()}")
+    out.print(f"key ring   {hub.keyring.path} (active key {hub.keyring.active_key_id})")
+    out.print(f"database   {hub.engine.url.render_as_string(hide_password=True)}")
+    out.print(f"blobs      {hub.blobs.describe()}")
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    demo: Annotated[
+        bool, typer.Option(help="Register a demo clinic (AE DEMO) and load a sample study.")
+    ] = False,
+) -> None:
+    """Run every component on embedded defaults: the DICOM node and the HTTP app."""
+    hub = open_hub(ctx, create=True, demo=demo)
+    if demo:
+        from saf.demo import load_demo
+
+        load_demo(hub)
+    node, timer = _start_dicom(hub)
+    try:
+        _serve_http(hub)
+    finally:
+        timer.stop()
+        node.stop()
+
+
+@app.command()
+def dicom(ctx: typer.Context) -> None:
+    """Run the DICOM node alone (C-ECHO, C-STORE) with the stable-study timer."""
+    hub = open_hub(ctx)
+    node, timer = _start_dicom(hub)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    timer.stop()
+    node.stop()
+
+
+@app.command()
+def api(ctx: typer.Context) -> None:
+    """Run the HTTP app alone."""
+    _serve_http(open_hub(ctx))
+
+
+def _start_dicom(hub: Hub) -> tuple[Any, Any]:
+    from dicom_node.scp import DicomNode
+    from saf.stability import StableStudyTimer
+
+    node = DicomNode(hub)
+    try:
+        node.start()
+    except OSError as exc:
+        fail(f"cannot listen on DICOM port {hub.settings.dicom_port}: {exc.strerror or exc}")
+    timer = StableStudyTimer(hub)
+    timer.start()
+    host, port = node.address
+    out.print(f"DICOM node {hub.settings.ae_title} listening on {host}:{port}", highlight=False)
+    return node, timer
+
+
+def _serve_http(hub: Hub) -> None:
+    import uvicorn
+
+    from saf.app import create_app
+
+    settings = hub.settings
+    out.print(
+        f"HTTP app listening on http://{settings.http_host}:{settings.http_port} (/healthz)",
+        highlight=False,
+    )
+    uvicorn.run(
+        create_app(hub), host=settings.http_host, port=settings.http_port, log_level="warning"
+    )
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT.")],
+    aet: Annotated[str, typer.Option(help="Our (calling) AE title.")] = "SAFSCU",
+    called_aet: Annotated[str, typer.Option(help="Destination (called) AE title.")] = "SAF",
+) -> None:
+    """Send files with C-STORE as they are stored (no re-encoding), with progress and a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from dicom_node.scu import SendItem, SendReport, scan
+    from dicom_node.scu import send as c_store
+
+    host, _, port_text = to.rpartition(":")
+    if not host or not port_text.isdigit():
+        fail(f"--to must be HOST:PORT, got {to!r}")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        fail(f"no such file or folder: {', '.join(missing)}")
+    report = SendReport()
+    items = scan(paths, report)
+    if not items:
+        fail("nothing to send: no DICOM Part 10 files found")
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"C-STORE to {called_aet}@{to}", total=len(items))
+
+        def advance(_item: SendItem, _status: int | None) -> None:
+            progress.advance(task)
+
+        c_store(
+            items,
+            host,
+            int(port_text),
+            calling_aet=aet,
+            called_aet=called_aet,
+            on_done=advance,
+            report=report,
+        )
+    table = Table(title="saf send")
+    for column in ("sent", "failed", "skipped (not DICOM)"):
+        table.add_column(column, justify="right")
+    table.add_row(str(len(report.sent)), str(len(report.failed)), str(len(report.skipped)))
+    out.print(table)
+    for path, reason in report.failed[:20]:
+        console.print(f"  failed {path}: {reason}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    study: Annotated[str, typer.Option(help="Study Instance UID.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the files into.")],
+    clinic: Annotated[
+        str | None, typer.Option(help="Clinic name, when the UID exists at several.")
+    ] = None,
+) -> None:
+    """Decrypt a study and write its original Part 10 files (<out>/<series>/<sop>.dcm)."""
+    from saf.clinics import find_clinic_id
+    from saf.export import ExportError, export_study
+
+    hub = open_hub(ctx)
+    clinic_id = None
+    if clinic:
+        clinic_id = find_clinic_id(hub, clinic)
+        if clinic_id is None:
+            fail(f"no clinic named {clinic!r} (see `saf clinic list`)")
+    try:
+        files = export_study(hub, study, out_dir, clinic_id=clinic_id)
+    except ExportError as exc:
+        fail(str(exc))
+    except CryptoError as exc:
+        fail(f"stored data failed verification, export stopped: {exc}", code=3)
+    out.print(f"exported {len(files)} instance(s) to {out_dir}")
+
+
+@app.command()
+def stats(ctx: typer.Context) -> None:
+    """Counts as JSON: clinics, patients, studies, series, instances, bytes."""
+    from saf.stats import collect
+
+    out.print_json(json.dumps(collect(open_hub(ctx))))
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """Key-encryption keys, which is active, and how many blobs each wraps."""
+    from saf.keys import blobs_per_key
+
+    hub = open_hub(ctx)
+    counts = blobs_per_key(hub)
+    table = Table("key id", "created (UTC)", "active", "blobs")
+    for key_id in hub.keyring.key_ids:
+        table.add_row(
+            key_id,
+            hub.keyring.created(key_id).strftime("%Y-%m-%d %H:%M:%S"),
+            "yes" if key_id == hub.keyring.active_key_id else "",
+            str(counts.get(key_id, 0)),
+        )
+    out.print(table)
+
+
+@keys_app.command("rotate")
+def keys_rotate(ctx: typer.Context) -> None:
+    """Add a new KEK and re-wrap every data key under it (content is not re-encrypted)."""
+    from saf.keys import rotate
+
+    report = rotate(open_hub(ctx))
+    out.print(
+        f"active key {report.new_key_id}: re-wrapped {report.blobs_rewrapped} blob(s), "
+        f"re-sealed {report.fields_resealed} field(s)",
+        highlight=False,
+    )
+
+
+@clinic_app.command("add")
+def clinic_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Clinic name.")],
+    aet: Annotated[str | None, typer.Option(help="Calling AE title of its modality/PACS.")] = None,
+    host: Annotated[str, typer.Option(help="Only accept this AE title from this host.")] = "",
+) -> None:
+    """Register a clinic, and a calling AE title that sends for it."""
+    from saf.clinics import ClinicError, add_clinic
+
+    try:
+        info = add_clinic(open_hub(ctx), name, aet, host)
+    except ClinicError as exc:
+        fail(str(exc))
+    peers = ", ".join(f"{a}@{h or 'any host'}" for a, h in info.peers) or "no AE titles"
+    out.print(f"clinic {info.name} ({info.id}): {peers}", highlight=False)
+
+
+@clinic_app.command("list")
+def clinic_list(ctx: typer.Context) -> None:
+    """Clinics and their AE titles."""
+    from saf.clinics import list_clinics
+
+    table = Table("name", "id", "AE titles")
+    for info in list_clinics(open_hub(ctx)):
+        table.add_row(info.name, info.id, ", ".join(f"{a}@{h or '*'}" for a, h in info.peers))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `saf` console script."""
+    # Everything saf writes (index, spool, exports) holds PHI: private by default.
+    os.umask(0o077)
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Export: decrypt a study's stored objects back to the original Part 10 files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from saf import vault
+from saf.hub import Hub
+from saf.models import Instance, Series, Study
+
+
+class ExportError(LookupError):
+    """The study cannot be exported as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One written file."""
+
+    path: Path
+    sop_instance_uid: str
+    version: int
+
+
+def export_study(
+    hub: Hub, study_instance_uid: str, out_dir: Path, *, clinic_id: str | None = None
+) -> list[ExportedFile]:
+    """Write the newest version of every instance of the study to `out_dir`.
+
+    Files go to <out>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm (ids only, no PHI).
+    Each file is decrypted to a temp file and renamed only once fully verified.
+    """
+    with hub.sessions() as session:
+        stmt = select(Study).where(Study.study_instance_uid == study_instance_uid)
+        if clinic_id:
+            stmt = stmt.where(Study.clinic_id == clinic_id)
+        studies = list(session.scalars(stmt))
+        if not studies:
+            raise ExportError(f"no study {study_instance_uid}")
+        if len(studies) > 1:
+            raise ExportError(
+                f"study {study_instance_uid} exists at {len(studies)} clinics: pass --clinic"
+            )
+        instances = list(
+            session.scalars(
+                select(Instance)
+                .options(joinedload(Instance.blob), joinedload(Instance.series))
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.study_pk == studies[0].id)
+                .order_by(Series.series_number, Instance.instance_number, Instance.version)
+            )
+        )
+    newest: dict[str, Instance] = {}
+    for inst in instances:
+        newest[inst.sop_instance_uid] = inst  # ordered by version: the last one wins
+    written = []
+    for inst in newest.values():
+        path = out_dir / inst.series.series_instance_uid / f"{inst.sop_instance_uid}.dcm"
+        vault.write_to(hub, inst.blob, path)
+        written.append(ExportedFile(path, inst.sop_instance_uid, inst.version))
+    return written

@@ -1,0 +1,210 @@
+"""Index tables: clinics and their DICOM peers, the patient/study/series/instance tree, blobs, outbox."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UNASSIGNED_CLINIC = "unassigned"
+"""Clinic that receives studies from unknown AE titles when SAF_DICOM_ACCEPT_UNKNOWN is on."""
+
+
+def new_id() -> str:
+    """An opaque primary key (32 hex characters); never derived from PHI."""
+    return secrets.token_hex(16)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base; naming convention keeps Alembic constraint names stable."""
+
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+Base.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Clinic(Base):
+    """A tenant: a clinic owns its patients, studies and documents."""
+
+    __tablename__ = "clinic"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    peers: Mapped[list[DicomPeer]] = relationship(back_populates="clinic")
+
+
+class DicomPeer(Base):
+    """A calling AE title (optionally pinned to a host) that belongs to a clinic."""
+
+    __tablename__ = "dicom_peer"
+    __table_args__ = (UniqueConstraint("ae_title", "host", name="uq_dicom_peer_ae_title_host"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255), default="")
+    """Peer address the AE title must come from; empty means any host."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    clinic: Mapped[Clinic] = relationship(back_populates="peers")
+
+
+class Patient(Base):
+    """A patient as one clinic knows them: the same Patient ID at two clinics is two patients."""
+
+    __tablename__ = "patient"
+    __table_args__ = (
+        UniqueConstraint("clinic_id", "patient_id", name="uq_patient_clinic_id_patient_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    """DICOM PatientID (0010,0020), the clinic's identifier."""
+    name_sealed: Mapped[str | None] = mapped_column(String(512))
+    """PatientName, sealed with saf.crypto.seal_value (context 'patient.name')."""
+    birth_date_sealed: Mapped[str | None] = mapped_column(String(256))
+    """PatientBirthDate, sealed with saf.crypto.seal_value (context 'patient.birth_date')."""
+    sex: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Study(Base):
+    """A DICOM study of one clinic's patient."""
+
+    __tablename__ = "study"
+    __table_args__ = (
+        UniqueConstraint(
+            "clinic_id", "study_instance_uid", name="uq_study_clinic_id_study_instance_uid"
+        ),
+        Index("ix_study_stable_pending", "stable_at", "last_received_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    patient_pk: Mapped[str] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stable_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When the study was last found complete; cleared when a new instance arrives."""
+
+    patient: Mapped[Patient] = relationship()
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A series within a study."""
+
+    __tablename__ = "series"
+    __table_args__ = (
+        UniqueConstraint(
+            "study_pk", "series_instance_uid", name="uq_series_study_pk_series_instance_uid"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    study_pk: Mapped[str] = mapped_column(ForeignKey("study.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Blob(Base):
+    """A sealed object in the blob store; its header (wrapped data key) lives here."""
+
+    __tablename__ = "blob"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    header: Mapped[bytes] = mapped_column(LargeBinary)
+    """saf.crypto.BlobHeader.to_bytes(); rotation rewrites this, never the object."""
+    key_id: Mapped[str] = mapped_column(String(64), index=True)
+    """Key-encryption key that wraps the data key (copy of the header's, for queries)."""
+    size: Mapped[int] = mapped_column(BigInteger)
+    """Plaintext size in bytes."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Instance(Base):
+    """One received version of a SOP instance; the stored Part 10 object is a sealed blob."""
+
+    __tablename__ = "instance"
+    __table_args__ = (
+        UniqueConstraint(
+            "series_pk", "sop_instance_uid", "version", name="uq_instance_series_sop_version"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    series_pk: Mapped[str] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    """1 for the first bytes received under this UID; +1 for each different payload."""
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    """Size of the stored Part 10 object in bytes."""
+    sha256: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the encoded dataset as received (after the File Meta group)."""
+    blob_id: Mapped[str] = mapped_column(ForeignKey("blob.id"), index=True)
+    source: Mapped[str] = mapped_column(String(80))
+    """How it arrived, e.g. 'dimse:MODALITY1@10.0.0.5'."""
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    blob: Mapped[Blob] = relationship()
+
+
+class OutboxEvent(Base):
+    """Work to do after a commit (thumbnails, routing, notifications), written in the same txn."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(64), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
