@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 HASH_BLOCK = 1 << 20
 """Read size when hashing received files."""
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+"""Element length meaning 'until the delimiter' (sequences, encapsulated pixel data)."""
 
 
 class IngestError(Exception):
@@ -151,38 +156,47 @@ def _parse(path: Path) -> _Parsed:
             read_preamble(fp, force=False)
             meta = _read_file_meta_info(fp)
             dataset_offset = fp.tell()
+            syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+            if syntax.is_transfer_syntax and syntax != DeflatedExplicitVRLittleEndian:
+                # (a deflated stream's offsets are those of the inflated data; zlib itself
+                # detects a truncated deflate stream when the dataset is read below)
+                _check_complete(fp, syntax, size)
+            fp.seek(dataset_offset)
             digest = hashlib.sha256()
             while block := fp.read(HASH_BLOCK):
                 digest.update(block)
-        ds = dcmread(path, defer_size=1024)
-        for keyword in (*_UID_TAGS, "PatientID"):
+        ds = dcmread(path, stop_before_pixels=True)
+        for keyword in (*_UID_TAGS, "PatientID", "PatientName"):
             ds.get(keyword)  # decode the elements we index: a malformed one raises here
     except InvalidDicomError as exc:
         raise CannotUnderstand(f"not a DICOM Part 10 dataset: {exc}") from exc
-    except (ValueError, EOFError, KeyError, IndexError, TypeError, OSError) as exc:
+    except (ValueError, EOFError, KeyError, IndexError, TypeError, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"malformed dataset: {exc}") from exc
-    parsed = _Parsed(meta, ds, dataset_offset, size, digest.hexdigest())
-    _check_complete(parsed)
-    return parsed
+    return _Parsed(meta, ds, dataset_offset, size, digest.hexdigest())
 
 
-def _check_complete(parsed: _Parsed) -> None:
-    """Refuse a dataset whose last element runs past the end of what was received."""
-    syntax = parsed.meta.get("TransferSyntaxUID")
-    if syntax == DeflatedExplicitVRLittleEndian:
-        return  # offsets refer to the inflated stream; zlib itself detects truncation
-    end = parsed.dataset_offset
-    for tag in parsed.ds.keys():
-        elem: Any = parsed.ds.get_item(tag)
-        length = getattr(elem, "length", None)
-        tell = getattr(elem, "value_tell", None)
-        if tell is None or length is None or length == 0xFFFFFFFF:
-            continue
-        end = max(end, tell + length)
-    if end > parsed.size:
+def _check_complete(fp: BinaryIO, syntax: UID, size: int) -> None:
+    """Walk the top-level elements (values skipped) and refuse one that runs past the end."""
+    end = fp.tell()
+    last_undefined = False
+    elements = data_element_generator(
+        fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1024
+    )
+    for elem in elements:
+        last_undefined = elem.length == UNDEFINED_LENGTH
+        if not last_undefined and elem.value_tell is not None:
+            end = max(end, elem.value_tell + elem.length)
+    if end > size:
         raise CannotUnderstand(
-            f"dataset truncated: an element ends at byte {end} but only {parsed.size} arrived"
+            f"dataset truncated: an element ends at byte {end} but only {size} bytes arrived"
         )
+    if last_undefined:
+        # pydicom only warns when the data ends before a sequence delimiter, so look
+        # for the (FFFE,E0DD) delimiter that must close the last, undefined-length element.
+        order = "<" if syntax.is_little_endian else ">"
+        fp.seek(max(size - 8, 0))
+        if fp.read(8) != struct.pack(f"{order}HHL", 0xFFFE, 0xE0DD, 0):
+            raise CannotUnderstand("dataset truncated: no delimiter closes its last element")
 
 
 def _validate(parsed: _Parsed, sop_class: str | None, sop_instance: str | None) -> None:

@@ -41,14 +41,14 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     """Address the HTTP app binds to."""
 
-    http_port: int = Field(default=8000, ge=1, le=65535)
+    http_port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port (health, and later FHIR, DICOMweb and the viewer)."""
 
     dicom_host: str = "0.0.0.0"
     """Address the DICOM node binds to."""
 
-    dicom_port: int = Field(default=11112, ge=1, le=65535)
-    """DICOM port of the node."""
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    """DICOM port of the node (0: any free port, for tests)."""
 
     ae_title: str = "SAF"
     """Our AE title (1-16 characters, no backslash)."""
