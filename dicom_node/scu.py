@@ -9,9 +9,12 @@ from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 log = logging.getLogger(__name__)
+
+# Send files from disk as they are, in pieces: no decode/re-encode, flat memory.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128
 """Presentation contexts one association may propose (PS3.8)."""

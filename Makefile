@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_DEV := $(VENV)/.installed-dev
+
+.PHONY: run test lint typecheck check bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(STAMP_RUN)
+
+## Start the hub with demo data (DICOM on 11112 as AE SAF, HTTP on 8000).
+run: $(STAMP_RUN)
+	$(BIN)/saf up --demo
+
+## Run the whole test suite (slow tests included), then lint and type checks.
+test: $(STAMP_DEV)
+	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory check
+
+check: lint typecheck
+
+lint: $(STAMP_DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP_DEV)
+	$(BIN)/mypy
+
+## Ingest benchmark against dcmtk storescp and Orthanc (see bench/README.md).
+bench: $(STAMP_DEV)
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
