@@ -286,10 +286,12 @@ def _new_kek(sequence: int) -> _Kek:
 
 def _read_keyring_file(path: Path) -> tuple[list[_Kek], str]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # Symlinks are followed on purpose: secret mounts (Kubernetes, Docker)
+        # present files through them. The mode check below is on the target.
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise CryptoError(
-            f"key ring {path} does not exist (create one with KeyRing.create / `saf keys init`)"
+            f"key ring {path} does not exist: check the configured path, or create a key ring"
         ) from None
     except OSError as exc:
         raise CryptoError(f"cannot open key ring {path}: {exc.strerror}") from None

@@ -23,7 +23,8 @@ def moto_s3_endpoint() -> Iterator[str]:
         mp.setenv("AWS_CONFIG_FILE", os.devnull)
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         # A proxy configured for the outside world must not see local test traffic.
-        mp.setenv("NO_PROXY", ",".join(filter(None, ["127.0.0.1", os.environ.get("NO_PROXY")])))
+        for name in ("NO_PROXY", "no_proxy"):
+            mp.setenv(name, ",".join(filter(None, ["127.0.0.1", os.environ.get(name)])))
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()

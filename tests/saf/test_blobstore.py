@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -72,7 +72,7 @@ def leftovers(store: BlobStore) -> list[str]:
             return []
         return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())
     assert isinstance(store, S3BlobStore)
-    client = cast("S3Client", store._client)
+    client = store._client
     objects = client.list_objects_v2(Bucket=store.bucket).get("Contents", [])
     uploads = client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
     return [f"object {o['Key']}" for o in objects] + [f"upload {u['Key']}" for u in uploads]
