@@ -1,0 +1,1 @@
+"""Reproducible benchmarks for saf (run as scripts, not collected as tests)."""
