@@ -15,22 +15,21 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from saf import vault
 from saf.crypto import seal_value
 from saf.hub import Hub
-from saf.models import Blob, Instance, OutboxEvent, Patient, Series, Study, utcnow
+from saf.models import Blob, Instance, OutboxEvent, Patient, Series, Study, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,44 @@ class _Parsed:
 
 _UID_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
+# Statements built once: constructing SQLAlchemy statements per instance costs more
+# than executing them, and ingest is the hot path.
+_patients, _studies, _series, _instances, _blobs, _outbox = (
+    cast(Table, model.__table__) for model in (Patient, Study, Series, Instance, Blob, OutboxEvent)
+)
+_SELECT_VERSIONS = (
+    select(
+        _instances.c.id, _instances.c.version, _instances.c.sha256,
+        _studies.c.study_instance_uid,
+    )
+    .select_from(
+        _instances.join(_series, _instances.c.series_pk == _series.c.id).join(
+            _studies, _series.c.study_pk == _studies.c.id
+        )
+    )
+    .where(
+        _studies.c.clinic_id == bindparam("clinic_id"),
+        _instances.c.sop_instance_uid == bindparam("sop_instance_uid"),
+    )
+)  # fmt: skip
+_SELECT_STUDY = select(_studies.c.id).where(
+    _studies.c.clinic_id == bindparam("clinic_id"),
+    _studies.c.study_instance_uid == bindparam("study_instance_uid"),
+)
+_SELECT_PATIENT = select(_patients.c.id).where(
+    _patients.c.clinic_id == bindparam("clinic_id"),
+    _patients.c.patient_id == bindparam("patient_id"),
+)
+_SELECT_SERIES = select(_series.c.id).where(
+    _series.c.study_pk == bindparam("study_pk"),
+    _series.c.series_instance_uid == bindparam("series_instance_uid"),
+)
+_TOUCH_STUDY = (
+    update(_studies)
+    .where(_studies.c.id == bindparam("study_pk"))
+    .values(last_received_at=bindparam("now"), stable_at=None)
+)
+
 
 def ingest_part10(
     hub: Hub,
@@ -150,6 +187,8 @@ def ingest_part10(
 
 
 def _parse(path: Path) -> _Parsed:
+    """Read the File Meta and the dataset's elements once (large values are skipped, not
+    read), check that every element is complete, and hash the dataset bytes."""
     size = os.path.getsize(path)
     try:
         with path.open("rb") as fp:
@@ -157,15 +196,18 @@ def _parse(path: Path) -> _Parsed:
             meta = _read_file_meta_info(fp)
             dataset_offset = fp.tell()
             syntax = UID(str(meta.get("TransferSyntaxUID", "")))
-            if syntax.is_transfer_syntax and syntax != DeflatedExplicitVRLittleEndian:
-                # (a deflated stream's offsets are those of the inflated data; zlib itself
-                # detects a truncated deflate stream when the dataset is read below)
-                _check_complete(fp, syntax, size)
+            if not syntax.is_transfer_syntax:
+                raise CannotUnderstand(f"unknown Transfer Syntax UID {str(syntax)[:64]!r}")
+            if syntax == DeflatedExplicitVRLittleEndian:
+                # Offsets would be those of the inflated stream; pydicom inflates it and
+                # zlib detects a truncated deflate stream.
+                ds = dcmread(path, stop_before_pixels=True)
+            else:
+                ds = _read_elements(fp, syntax, size)
             fp.seek(dataset_offset)
             digest = hashlib.sha256()
             while block := fp.read(HASH_BLOCK):
                 digest.update(block)
-        ds = dcmread(path, stop_before_pixels=True)
         for keyword in (*_UID_TAGS, "PatientID", "PatientName"):
             ds.get(keyword)  # decode the elements we index: a malformed one raises here
     except InvalidDicomError as exc:
@@ -175,28 +217,31 @@ def _parse(path: Path) -> _Parsed:
     return _Parsed(meta, ds, dataset_offset, size, digest.hexdigest())
 
 
-def _check_complete(fp: BinaryIO, syntax: UID, size: int) -> None:
-    """Walk the top-level elements (values skipped) and refuse one that runs past the end."""
-    end = fp.tell()
-    last_undefined = False
-    elements = data_element_generator(
-        fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1024
+def _read_elements(fp: BinaryIO, syntax: UID, size: int) -> Dataset:
+    """The top-level elements (values over 1 KiB skipped); refuses a dataset cut short."""
+    elements = list(
+        data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1024)
     )
-    for elem in elements:
-        last_undefined = elem.length == UNDEFINED_LENGTH
-        if not last_undefined and elem.value_tell is not None:
-            end = max(end, elem.value_tell + elem.length)
+    end = max(
+        (
+            e.value_tell + e.length
+            for e in elements
+            if e.length != UNDEFINED_LENGTH and e.value_tell is not None
+        ),
+        default=0,
+    )
     if end > size:
         raise CannotUnderstand(
             f"dataset truncated: an element ends at byte {end} but only {size} bytes arrived"
         )
-    if last_undefined:
+    if elements and elements[-1].length == UNDEFINED_LENGTH:
         # pydicom only warns when the data ends before a sequence delimiter, so look
         # for the (FFFE,E0DD) delimiter that must close the last, undefined-length element.
         order = "<" if syntax.is_little_endian else ">"
         fp.seek(max(size - 8, 0))
         if fp.read(8) != struct.pack(f"{order}HHL", 0xFFFE, 0xE0DD, 0):
             raise CannotUnderstand("dataset truncated: no delimiter closes its last element")
+    return Dataset({e.tag: e for e in elements})
 
 
 def _validate(parsed: _Parsed, sop_class: str | None, sop_instance: str | None) -> None:
@@ -223,43 +268,53 @@ def _validate(parsed: _Parsed, sop_class: str | None, sop_instance: str | None) 
         )
 
 
-def _instances_of(session: Session, clinic_id: str, sop_instance_uid: str) -> list[Instance]:
-    stmt = (
-        select(Instance)
-        .join(Series, Instance.series_pk == Series.id)
-        .join(Study, Series.study_pk == Study.id)
-        .where(Study.clinic_id == clinic_id, Instance.sop_instance_uid == sop_instance_uid)
-        .order_by(Instance.version)
+@dataclass(frozen=True)
+class _Version:
+    """A stored version of a SOP instance at one clinic."""
+
+    instance_id: str
+    version: int
+    sha256: str
+    study_instance_uid: str
+
+
+def _versions(conn: Connection, clinic_id: str, sop_instance_uid: str) -> list[_Version]:
+    rows = conn.execute(
+        _SELECT_VERSIONS, {"clinic_id": clinic_id, "sop_instance_uid": sop_instance_uid}
     )
-    return list(session.scalars(stmt))
+    return [_Version(*row) for row in rows]
+
+
+def _duplicate_of(
+    versions: list[_Version], sha256: str, sop_instance_uid: str
+) -> IngestResult | None:
+    """The stored version with exactly these bytes, if any."""
+    for v in versions:
+        if v.sha256 == sha256:
+            return IngestResult(
+                Outcome.DUPLICATE, v.instance_id, sop_instance_uid, v.study_instance_uid, v.version
+            )
+    return None
 
 
 def _find_duplicate(
     hub: Hub, clinic_id: str, sop_instance_uid: str, sha256: str
 ) -> IngestResult | None:
-    with hub.sessions() as session:
-        for inst in _instances_of(session, clinic_id, sop_instance_uid):
-            if inst.sha256 == sha256:
-                return _result(Outcome.DUPLICATE, inst, session)
-    return None
-
-
-def _result(outcome: Outcome, inst: Instance, session: Session) -> IngestResult:
-    study_uid = session.scalar(
-        select(Study.study_instance_uid)
-        .join(Series, Series.study_pk == Study.id)
-        .where(Series.id == inst.series_pk)
-    )
-    return IngestResult(outcome, inst.id, inst.sop_instance_uid, str(study_uid), inst.version)
+    with hub.engine.connect() as conn:
+        versions = _versions(conn, clinic_id, sop_instance_uid)
+    return _duplicate_of(versions, sha256, sop_instance_uid)
 
 
 def _commit_with_retry(hub: Hub, parsed: _Parsed, sender: Sender, blob: Blob) -> IngestResult:
-    # A concurrent association may create the same patient/study/series first; the
-    # unique constraints catch it and the second attempt finds the rows it made.
+    # A concurrent association may create the same patient/study/series (or the same
+    # instance version) first; the unique constraints catch it and the next attempt
+    # finds the rows it made.
     for attempt in range(3):
         try:
-            with hub.sessions() as session, session.begin():
-                return _index(hub, session, parsed, sender, blob)
+            with hub.engine.begin() as conn:
+                result, created = _index(hub, conn, parsed, sender, blob)
+            hub.row_ids.update(created)  # only ids that are committed
+            return result
         except DBIntegrityError:
             if attempt == 2:
                 raise OutOfResources("index conflict persisted after retries") from None
@@ -269,123 +324,154 @@ def _commit_with_retry(hub: Hub, parsed: _Parsed, sender: Sender, blob: Blob) ->
     raise AssertionError("unreachable")
 
 
-def _index(hub: Hub, session: Session, parsed: _Parsed, sender: Sender, blob: Blob) -> IngestResult:
+def _index(
+    hub: Hub, conn: Connection, parsed: _Parsed, sender: Sender, blob: Blob
+) -> tuple[IngestResult, dict[tuple[str, ...], str]]:
+    """Write the rows for one instance; returns the result and the row ids it looked up."""
     ds = parsed.ds
     sop_instance_uid = str(ds.SOPInstanceUID)
-    existing = _instances_of(session, sender.clinic_id, sop_instance_uid)
-    for inst in existing:
-        if inst.sha256 == parsed.sha256:
-            return _result(Outcome.DUPLICATE, inst, session)
+    versions = _versions(conn, sender.clinic_id, sop_instance_uid)
+    duplicate = _duplicate_of(versions, parsed.sha256, sop_instance_uid)
+    if duplicate is not None:
+        return duplicate, {}
     now = utcnow()
-    study = _get_or_create_study(hub, session, ds, sender.clinic_id)
-    study.last_received_at = now
-    study.stable_at = None
-    series = _get_or_create_series(session, ds, study)
-    version = max((i.version for i in existing), default=0) + 1
-    session.add(blob)
-    inst = Instance(
-        series_pk=series.id,
-        sop_instance_uid=sop_instance_uid,
-        sop_class_uid=str(ds.SOPClassUID),
-        version=version,
-        instance_number=_int(ds.get("InstanceNumber")),
-        transfer_syntax_uid=str(parsed.meta.TransferSyntaxUID),
-        rows=_int(ds.get("Rows")),
-        columns=_int(ds.get("Columns")),
-        number_of_frames=_int(ds.get("NumberOfFrames")),
-        size=parsed.size,
-        sha256=parsed.sha256,
-        blob_id=blob.id,
-        source=sender.source[:80],
-        received_at=now,
+    ids: dict[tuple[str, ...], str] = {}
+    study_key = ("study", sender.clinic_id, str(ds.StudyInstanceUID))
+    study_pk = hub.row_ids.get(study_key) or _get_or_create_study(hub, conn, ds, sender.clinic_id)
+    ids[study_key] = study_pk
+    conn.execute(_TOUCH_STUDY, {"study_pk": study_pk, "now": now})
+    series_key = ("series", study_pk, str(ds.SeriesInstanceUID))
+    series_pk = hub.row_ids.get(series_key) or _get_or_create_series(conn, ds, study_pk)
+    ids[series_key] = series_pk
+    version = max((v.version for v in versions), default=0) + 1
+    instance_id = new_id()
+    conn.execute(
+        insert(_blobs),
+        {"id": blob.id, "header": blob.header, "key_id": blob.key_id, "size": blob.size,
+         "created_at": now},
+    )  # fmt: skip
+    conn.execute(
+        insert(_instances),
+        dict(
+            id=instance_id,
+            series_pk=series_pk,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=str(ds.SOPClassUID),
+            version=version,
+            instance_number=_int(ds.get("InstanceNumber")),
+            transfer_syntax_uid=str(parsed.meta.TransferSyntaxUID),
+            rows=_int(ds.get("Rows")),
+            columns=_int(ds.get("Columns")),
+            number_of_frames=_int(ds.get("NumberOfFrames")),
+            size=parsed.size,
+            sha256=parsed.sha256,
+            blob_id=blob.id,
+            source=sender.source[:80],
+            received_at=now,
+        ),
     )
-    session.add(inst)
-    session.flush()
     event = {
-        "instance_id": inst.id,
-        "series_id": series.id,
-        "study_id": study.id,
+        "instance_id": instance_id,
+        "series_id": series_pk,
+        "study_id": study_pk,
         "clinic_id": sender.clinic_id,
         "version": version,
     }
-    session.add(OutboxEvent(topic="instance.stored", payload=event))
+    topics = ["instance.stored"]
     if version > 1:
         log.warning(
             "instance %s (study %s) received again with different bytes: kept as version %d",
             sop_instance_uid,
-            study.id,
+            study_pk,
             version,
         )
-        session.add(OutboxEvent(topic="instance.new_version", payload=event))
+        topics.append("instance.new_version")
+    conn.execute(
+        insert(_outbox),
+        [{"topic": topic, "payload": event, "created_at": now, "attempts": 0} for topic in topics],
+    )
     outcome = Outcome.NEW_VERSION if version > 1 else Outcome.STORED
-    return IngestResult(outcome, inst.id, sop_instance_uid, study.study_instance_uid, version)
+    result = IngestResult(outcome, instance_id, sop_instance_uid, str(ds.StudyInstanceUID), version)
+    return result, ids
 
 
-def _get_or_create_study(hub: Hub, session: Session, ds: Dataset, clinic_id: str) -> Study:
+def _get_or_create_study(hub: Hub, conn: Connection, ds: Dataset, clinic_id: str) -> str:
     study_uid = str(ds.StudyInstanceUID)
-    study = session.scalar(
-        select(Study).where(Study.clinic_id == clinic_id, Study.study_instance_uid == study_uid)
+    study_pk = conn.scalar(_SELECT_STUDY, {"clinic_id": clinic_id, "study_instance_uid": study_uid})
+    if study_pk is not None:
+        return str(study_pk)
+    patient_pk = _get_or_create_patient(hub, conn, ds, clinic_id)
+    study_pk = new_id()
+    now = utcnow()
+    conn.execute(
+        insert(_studies),
+        dict(
+            id=study_pk,
+            clinic_id=clinic_id,
+            patient_pk=patient_pk,
+            study_instance_uid=study_uid,
+            study_date=_text(ds.get("StudyDate"), 8),
+            study_time=_text(ds.get("StudyTime"), 16),
+            accession_number=_text(ds.get("AccessionNumber"), 64),
+            study_id=_text(ds.get("StudyID"), 16),
+            study_description=_text(ds.get("StudyDescription"), 64),
+            created_at=now,
+            last_received_at=now,
+        ),
     )
-    if study is not None:
-        return study
-    patient = _get_or_create_patient(hub, session, ds, clinic_id)
-    study = Study(
-        clinic_id=clinic_id,
-        patient_pk=patient.id,
-        study_instance_uid=study_uid,
-        study_date=_text(ds.get("StudyDate"), 8),
-        study_time=_text(ds.get("StudyTime"), 16),
-        accession_number=_text(ds.get("AccessionNumber"), 64),
-        study_id=_text(ds.get("StudyID"), 16),
-        study_description=_text(ds.get("StudyDescription"), 64),
-    )
-    session.add(study)
-    session.flush()
-    return study
+    return study_pk
 
 
-def _get_or_create_patient(hub: Hub, session: Session, ds: Dataset, clinic_id: str) -> Patient:
+def _get_or_create_patient(hub: Hub, conn: Connection, ds: Dataset, clinic_id: str) -> str:
     patient_id = _text(ds.get("PatientID"), 64) or ""
-    patient = session.scalar(
-        select(Patient).where(Patient.clinic_id == clinic_id, Patient.patient_id == patient_id)
-    )
-    if patient is not None:
-        return patient
+    patient_pk = conn.scalar(_SELECT_PATIENT, {"clinic_id": clinic_id, "patient_id": patient_id})
+    if patient_pk is not None:
+        return str(patient_pk)
     name = _text(ds.get("PatientName"), 320)
     birth_date = _text(ds.get("PatientBirthDate"), 8)
     keyring = hub.keyring
-    patient = Patient(
-        clinic_id=clinic_id,
-        patient_id=patient_id,
-        name_sealed=seal_value(keyring, name, context="patient.name") if name else None,
-        birth_date_sealed=(
-            seal_value(keyring, birth_date, context="patient.birth_date") if birth_date else None
+    patient_pk = new_id()
+    conn.execute(
+        insert(_patients),
+        dict(
+            id=patient_pk,
+            clinic_id=clinic_id,
+            patient_id=patient_id,
+            name_sealed=seal_value(keyring, name, context="patient.name") if name else None,
+            birth_date_sealed=(
+                seal_value(keyring, birth_date, context="patient.birth_date")
+                if birth_date
+                else None
+            ),
+            sex=_text(ds.get("PatientSex"), 16),
+            created_at=utcnow(),
         ),
-        sex=_text(ds.get("PatientSex"), 16),
     )
-    session.add(patient)
-    session.flush()
-    return patient
+    return patient_pk
 
 
-def _get_or_create_series(session: Session, ds: Dataset, study: Study) -> Series:
+def _get_or_create_series(conn: Connection, ds: Dataset, study_pk: str) -> str:
     series_uid = str(ds.SeriesInstanceUID)
-    series = session.scalar(
-        select(Series).where(Series.study_pk == study.id, Series.series_instance_uid == series_uid)
+    series_pk = conn.scalar(
+        _SELECT_SERIES, {"study_pk": study_pk, "series_instance_uid": series_uid}
     )
-    if series is not None:
-        return series
-    series = Series(
-        study_pk=study.id,
-        series_instance_uid=series_uid,
-        modality=_text(ds.get("Modality"), 16),
-        series_number=_int(ds.get("SeriesNumber")),
-        series_description=_text(ds.get("SeriesDescription"), 64),
-        body_part_examined=_text(ds.get("BodyPartExamined"), 16),
+    if series_pk is not None:
+        return str(series_pk)
+    series_pk = new_id()
+    conn.execute(
+        insert(_series),
+        dict(
+            id=series_pk,
+            study_pk=study_pk,
+            series_instance_uid=series_uid,
+            modality=_text(ds.get("Modality"), 16),
+            series_number=_int(ds.get("SeriesNumber")),
+            series_description=_text(ds.get("SeriesDescription"), 64),
+            body_part_examined=_text(ds.get("BodyPartExamined"), 16),
+            created_at=utcnow(),
+        ),
     )
-    session.add(series)
-    session.flush()
-    return series
+    return series_pk
 
 
 def _text(value: object, limit: int) -> str | None:
