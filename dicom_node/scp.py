@@ -101,6 +101,7 @@ class DicomNode:
             return
         with self._lock:
             self._senders[assoc] = Sender(clinic_id, f"dimse:{calling}@{host}")
+        _shorten_polling(assoc)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -133,6 +134,22 @@ class DicomNode:
             return _status(PROCESSING_FAILURE, "internal error while storing; see hub log")
         log.debug("C-STORE %s: %s", result.sop_instance_uid, result.outcome)
         return 0x0000
+
+
+DUL_POLL_SECONDS = 0.0002
+"""How long an association's network thread naps when idle (pynetdicom's default: 1 ms)."""
+
+
+def _shorten_polling(assoc: Association) -> None:
+    """Cut pynetdicom's idle nap so each C-STORE round trip waits less.
+
+    pynetdicom polls its socket and queues; with the default 1 ms nap every request
+    and response can sit up to a millisecond, which dominates small-instance ingest.
+    `_run_loop_delay` is a private attribute, so stay silent if it ever disappears.
+    """
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = DUL_POLL_SECONDS
 
 
 def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:

@@ -1,4 +1,4 @@
-"""Blob store on a local filesystem: root/ab/cd/<id>, written by temp file and rename."""
+"""Blob store on a local filesystem: root/ab/<id>, written by temp file and rename."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ _TEMP_PATTERN = re.compile(r"^\.([0-9a-f]{16,64})\.[0-9a-f]+\.tmp$")
 
 
 class LocalBlobStore:
-    """Blobs as files under `root`, fanned out by the first four hex characters of the id.
+    """Blobs as files under `root`, fanned out into 256 directories by the id's first byte.
+
+    One level, not two: ext4/XFS directories index millions of entries, and a
+    second level would cost a mkdir and a directory fsync on most puts until
+    all 65,536 directories exist.
 
     Directories are created 0700 and files 0600: sealed content is not secret,
     but which studies exist and how big they are is nobody else's business.
@@ -28,6 +32,7 @@ class LocalBlobStore:
 
     def __init__(self, root: Path | str) -> None:
         self._root = Path(root).absolute()
+        self._known_dirs: set[Path] = set()
 
     @property
     def root(self) -> Path:
@@ -37,12 +42,14 @@ class LocalBlobStore:
     def path_for(self, blob_id: str) -> Path:
         """Where the blob with this id lives (whether or not it exists)."""
         validate_blob_id(blob_id)
-        return self._root / blob_id[:2] / blob_id[2:4] / blob_id
+        return self._root / blob_id[:2] / blob_id
 
     def put(self, blob_id: str, chunks: Iterable[bytes]) -> int:
         """Write all chunks to a temp file, fsync, rename into place, fsync the directory."""
         target = self.path_for(blob_id)
-        self._make_dirs(target.parent)
+        if target.parent not in self._known_dirs:
+            self._make_dirs(target.parent)
+            self._known_dirs.add(target.parent)
         tmp = target.with_name(f".{blob_id}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         written = 0
@@ -85,17 +92,15 @@ class LocalBlobStore:
 
     def iter_ids(self) -> Iterator[str]:
         """Every stored blob id, in sorted order; temp files and strays are skipped."""
-        for level1 in _sorted_subdirs(self._root):
-            for level2 in _sorted_subdirs(level1):
-                prefix = level1.name + level2.name
-                for entry in sorted(os.scandir(level2), key=lambda e: e.name):
-                    name = entry.name
-                    if (
-                        BLOB_ID_PATTERN.fullmatch(name)
-                        and name.startswith(prefix)
-                        and entry.is_file(follow_symlinks=False)
-                    ):
-                        yield name
+        for fan_out in _sorted_subdirs(self._root):
+            for entry in sorted(os.scandir(fan_out), key=lambda e: e.name):
+                name = entry.name
+                if (
+                    BLOB_ID_PATTERN.fullmatch(name)
+                    and name.startswith(fan_out.name)
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    yield name
 
     def sweep_temp(self, older_than_seconds: float) -> int:
         """Delete temp files left by crashed writes, if untouched for older_than_seconds.
@@ -106,17 +111,16 @@ class LocalBlobStore:
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for level1 in _sorted_subdirs(self._root):
-            for level2 in _sorted_subdirs(level1):
-                for entry in os.scandir(level2):
-                    if not _TEMP_PATTERN.fullmatch(entry.name):
-                        continue
-                    try:
-                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                            os.unlink(entry.path)
-                            removed += 1
-                    except FileNotFoundError:
-                        pass  # finished or swept by someone else meanwhile
+        for fan_out in _sorted_subdirs(self._root):
+            for entry in os.scandir(fan_out):
+                if not _TEMP_PATTERN.fullmatch(entry.name):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass  # finished or swept by someone else meanwhile
         return removed
 
     def describe(self) -> str:

@@ -258,10 +258,10 @@ def test_local_layout_and_modes(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     blob_id = "abcdef" + "0" * 26
     store.put(blob_id, [b"data"])
-    path = tmp_path / "blobs" / "ab" / "cd" / blob_id
+    path = tmp_path / "blobs" / "ab" / blob_id
     assert path == store.path_for(blob_id)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    for d in (tmp_path / "blobs", path.parent.parent, path.parent):
+    for d in (tmp_path / "blobs", path.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
