@@ -7,11 +7,12 @@ import shutil
 import tempfile
 import threading
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -34,9 +35,7 @@ class DicomNode:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self._senders: weakref.WeakKeyDictionary[Association, Sender] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._senders: weakref.WeakKeyDictionary[Association, Sender] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
@@ -52,7 +51,7 @@ class DicomNode:
         """Listen in background threads (one per association)."""
         settings = self.hub.settings
         _prepare_spool(self.hub)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -79,13 +78,16 @@ class DicomNode:
         ae.require_called_aet = settings.dicom_require_called_aet
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     def _on_requested(self, event: evt.Event) -> None:
         """Reject unknown calling AE titles before negotiation (A-ASSOCIATE-RJ, reason 3)."""
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
+        calling = str(request.calling_ae_title).strip()
         host = str(assoc.requestor.address)
         try:
             clinic_id = resolve_peer(self.hub, calling, host)
@@ -111,7 +113,7 @@ class DicomNode:
             sender = self._senders.get(event.assoc)
         if sender is None:  # cannot happen: unknown peers were rejected at association
             return _status(PROCESSING_FAILURE, "association has no registered sender")
-        request = event.request
+        request = cast(C_STORE, event.request)
         try:
             result = ingest_part10(
                 self.hub,

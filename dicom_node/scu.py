@@ -146,4 +146,3 @@ def _store_one(assoc: object, item: SendItem) -> int | None:
     if not rsp or "Status" not in rsp:
         return None
     return int(rsp.Status)
-

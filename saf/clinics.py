@@ -91,9 +91,8 @@ def resolve_peer(hub: Hub, ae_title: str, host: str) -> str | None:
                 DicomPeer.ae_title == aet, or_(DicomPeer.host == host, DicomPeer.host == "")
             )
         ).all()
-    pinned = [clinic_id for clinic_id, peer_host in rows if peer_host == host]
-    anywhere = [clinic_id for clinic_id, peer_host in rows if peer_host == ""]
-    return (pinned or anywhere or [None])[0]
+    by_host = {peer_host: str(clinic_id) for clinic_id, peer_host in rows}
+    return by_host.get(host) or by_host.get("")
 
 
 def unassigned_clinic_id(hub: Hub) -> str:

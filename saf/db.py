@@ -1,4 +1,4 @@
-"""Database engine, sessions and migrations (SQLite in WAL mode by default, PostgreSQL in production)."""
+"""Database engine, sessions and migrations (SQLite WAL by default, PostgreSQL in production)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
@@ -198,6 +199,7 @@ def _parse(path: Path) -> _Parsed:
             syntax = UID(str(meta.get("TransferSyntaxUID", "")))
             if not syntax.is_transfer_syntax:
                 raise CannotUnderstand(f"unknown Transfer Syntax UID {str(syntax)[:64]!r}")
+            ds: Dataset
             if syntax == DeflatedExplicitVRLittleEndian:
                 # Offsets would be those of the inflated stream; pydicom inflates it and
                 # zlib detects a truncated deflate stream.
@@ -219,9 +221,13 @@ def _parse(path: Path) -> _Parsed:
 
 def _read_elements(fp: BinaryIO, syntax: UID, size: int) -> Dataset:
     """The top-level elements (values over 1 KiB skipped); refuses a dataset cut short."""
-    elements = list(
-        data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1024)
-    )
+    elements = [
+        e
+        for e in data_element_generator(
+            fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1024
+        )
+        if isinstance(e, RawDataElement)  # what the generator yields for every element
+    ]
     end = max(
         (
             e.value_tell + e.length
@@ -484,7 +490,7 @@ def _text(value: object, limit: int) -> str | None:
 
 def _int(value: object) -> int | None:
     try:
-        return int(value)  # type: ignore[call-overload]
+        return int(cast(Any, value))
     except (TypeError, ValueError):
         return None
 

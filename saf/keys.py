@@ -1,4 +1,4 @@
-"""Key rotation: a new key-encryption key, and every data key and sealed field re-wrapped under it."""
+"""Key rotation: a new key-encryption key; every data key and sealed field re-wrapped under it."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Index tables: clinics and their DICOM peers, the patient/study/series/instance tree, blobs, outbox."""
+"""Index tables: clinics and DICOM peers, patient/study/series/instance, blobs, outbox."""
 
 from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -36,7 +36,7 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     """Declarative base; naming convention keeps Alembic constraint names stable."""
 
-    type_annotation_map = {datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
 
 
 Base.metadata.naming_convention = {

@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -163,7 +164,7 @@ def _features(grid: Grid, ellipses: Sequence[Ellipse]) -> list[Feature]:
 
 def _union(grid: Grid, ellipses: Sequence[Ellipse]) -> FloatArray:
     """Radius field of a union of ellipses (minimum of their fields)."""
-    return np.minimum.reduce([_ellipse_r2(grid, e) for e in ellipses])
+    return cast(FloatArray, np.minimum.reduce([_ellipse_r2(grid, e) for e in ellipses]))
 
 
 def _render(
@@ -190,7 +191,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_px: fl
     fx = np.fft.rfftfreq(shape[1])[None, :]
     kernel = np.exp(-2.0 * (math.pi * scale_px) ** 2 * (fy * fy + fx * fx))
     field = np.fft.irfft2(np.fft.rfft2(white) * kernel, s=shape)
-    return (field / (field.std() + 1e-12)).astype(np.float32)
+    return cast(FloatArray, (field / (field.std() + 1e-12)).astype(np.float32))
 
 
 def _grain(
@@ -209,7 +210,7 @@ def _roll(field: np.ndarray, index: int) -> np.ndarray:
 
 def _to_uint(image: FloatArray, bits: int, dtype: type[np.unsignedinteger]) -> np.ndarray:
     """Round and clip into an unsigned range of ``bits`` bits."""
-    return np.clip(np.rint(image), 0, 2**bits - 1).astype(dtype)
+    return cast(np.ndarray, np.clip(np.rint(image), 0, 2**bits - 1).astype(dtype))
 
 
 def _window_u8(hu: FloatArray, center: float, width: float) -> np.ndarray:
@@ -788,7 +789,7 @@ def _series_dataset(study: Study) -> Dataset:
     """Dataset with every study/series-level attribute, reused for each instance."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = study.spec.sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(study.spec.sop_class)
     for header in study.spec.headers:
         header(ds, study)
     return ds

@@ -1,1 +1,1 @@
-"""The specialist's web viewer (worklist, case page, image viewer, reply); built in a later issue."""
+"""The specialist's web viewer (worklist, case, images, reply); built in a later issue."""

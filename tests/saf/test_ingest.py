@@ -15,8 +15,8 @@ from saf.crypto import open_value
 from saf.hub import Hub
 from saf.ingest import (
     CannotUnderstand,
-    OutOfResources,
     Outcome,
+    OutOfResources,
     SOPClassMismatch,
     ingest_part10,
 )
@@ -39,7 +39,12 @@ def test_stores_study_and_reads_back_exact_bytes(hub: Hub, tmp_path: Path) -> No
 
     assert [r.outcome for r in results] == [Outcome.STORED] * 3
     counts = row_counts(hub)
-    assert (counts["patient"], counts["study"], counts["series"], counts["instance"]) == (1, 1, 1, 3)
+    assert (counts["patient"], counts["study"], counts["series"], counts["instance"]) == (
+        1,
+        1,
+        1,
+        3,
+    )
     assert counts["outbox"] == 3
     with hub.sessions() as session:
         for path in paths:
