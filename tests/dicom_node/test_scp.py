@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,30 @@ def test_compressed_and_colour_syntaxes_are_accepted(hub: Hub, tmp_path: Path, k
         assert assoc.is_established, f"{kind}: {meta.TransferSyntaxUID} refused"
         assert assoc.send_c_store(path).Status == 0x0000
         assoc.release()
+
+
+def test_concurrent_identical_sends_store_each_instance_once(hub: Hub, tmp_path: Path) -> None:
+    make_clinic(hub, aet="MODALITY_A")
+    paths = make_study(tmp_path, count=12)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send_all() -> None:
+        assoc = _associate(port, "MODALITY_A", [(CTImageStorage, ExplicitVRLittleEndian)])
+        for path in paths:
+            status = assoc.send_c_store(path).Status
+            with lock:
+                statuses.append(status)
+        assoc.release()
+
+    with running_node(hub) as (_, port):
+        senders = [threading.Thread(target=send_all) for _ in range(3)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(timeout=120)
+
+    assert statuses == [0x0000] * 36
+    counts = row_counts(hub)
+    assert (counts["study"], counts["series"], counts["instance"]) == (1, 1, 12)
+    assert len(stored_blob_ids(hub)) == 12  # losers of a race removed their copies
