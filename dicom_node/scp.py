@@ -16,6 +16,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.tcp import set_no_delay
 from saf.clinics import resolve_peer, unassigned_clinic_id
 from saf.hub import Hub
 from saf.ingest import IngestError, Sender, ingest_part10
@@ -52,6 +53,7 @@ class DicomNode:
         settings = self.hub.settings
         _prepare_spool(self.hub)
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, set_no_delay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+
+from dicom_node.tcp import set_no_delay
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,9 @@ def _send_batch(
     for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
         # One context per (class, syntax) so each file goes exactly as stored.
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = ae.associate(
+        host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_no_delay)]
+    )
     if not assoc.is_established:
         reason = "association rejected or aborted (is this AE title registered?)"
         for item in batch:

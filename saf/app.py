@@ -25,7 +25,7 @@ def create_app(hub: Hub) -> FastAPI:
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         try:
-            hub.blobs.exists("0" * 32)
+            hub.blobs.check()
             checks["blob_store"] = "ok"
         except Exception as exc:
             checks["blob_store"] = f"error: {type(exc).__name__}"

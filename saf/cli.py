@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from saf.blobstore import BlobNotFound
 from saf.crypto import CryptoError
 from saf.hub import Hub, NotInitialisedError
 from saf.settings import Settings
@@ -250,7 +251,7 @@ def export(
         files = export_study(hub, study, out_dir, clinic_id=clinic_id)
     except ExportError as exc:
         fail(str(exc))
-    except CryptoError as exc:
+    except (CryptoError, BlobNotFound) as exc:
         fail(f"stored data failed verification, export stopped: {exc}", code=3)
     out.print(f"exported {len(files)} instance(s) to {out_dir}")
 

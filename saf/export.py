@@ -56,7 +56,9 @@ def export_study(
         )
     newest: dict[str, Instance] = {}
     for inst in instances:
-        newest[inst.sop_instance_uid] = inst  # ordered by version: the last one wins
+        current = newest.get(inst.sop_instance_uid)
+        if current is None or inst.version > current.version:
+            newest[inst.sop_instance_uid] = inst
     written = []
     for inst in newest.values():
         path = out_dir / inst.series.series_instance_uid / f"{inst.sop_instance_uid}.dcm"

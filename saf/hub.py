@@ -69,6 +69,8 @@ class Hub:
         blobs = make_blob_store(settings)
         if create and isinstance(blobs, S3BlobStore):
             blobs.ensure_bucket()
+        if isinstance(blobs, LocalBlobStore):
+            _make_private_dir(blobs.root)
         return cls(
             settings=settings,
             engine=engine,

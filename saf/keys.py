@@ -53,19 +53,27 @@ def rotate(hub: Hub) -> RotationReport:
 def _reseal_patients(hub: Hub, new_key_id: str) -> int:
     keyring = hub.keyring
     resealed = 0
-    with transaction(hub.sessions) as session:
-        for patient in session.scalars(select(Patient)):
-            if patient.name_sealed and value_key_id(patient.name_sealed) != new_key_id:
-                patient.name_sealed = reseal_value(
-                    keyring, patient.name_sealed, context="patient.name"
+    after = ""
+    while True:
+        with transaction(hub.sessions) as session:
+            batch = list(
+                session.scalars(
+                    select(Patient).where(Patient.id > after).order_by(Patient.id).limit(BATCH)
                 )
-                resealed += 1
-            if patient.birth_date_sealed and value_key_id(patient.birth_date_sealed) != new_key_id:
-                patient.birth_date_sealed = reseal_value(
-                    keyring, patient.birth_date_sealed, context="patient.birth_date"
-                )
-                resealed += 1
-    return resealed
+            )
+            for patient in batch:
+                for attr, context in _SEALED_FIELDS:
+                    token = getattr(patient, attr)
+                    if token and value_key_id(token) != new_key_id:
+                        setattr(patient, attr, reseal_value(keyring, token, context=context))
+                        resealed += 1
+        if len(batch) < BATCH:
+            return resealed
+        after = batch[-1].id
+
+
+_SEALED_FIELDS = (("name_sealed", "patient.name"), ("birth_date_sealed", "patient.birth_date"))
+"""Index columns holding sealed values, with the context each was sealed under."""
 
 
 def blobs_per_key(hub: Hub) -> dict[str, int]:

@@ -45,7 +45,7 @@ def mark_stable_studies(hub: Hub, now: datetime | None = None) -> list[str]:
                 continue
             study = session.get_one(Study, study_id)
             count = session.scalar(
-                select(func.count(Instance.id))
+                select(func.count(func.distinct(Instance.sop_instance_uid)))
                 .join(Series, Instance.series_pk == Series.id)
                 .where(Series.study_pk == study_id)
             )

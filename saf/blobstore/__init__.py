@@ -72,6 +72,10 @@ class BlobStore(Protocol):
         """Where the blobs live, for logs and error messages (never credentials)."""
         ...
 
+    def check(self) -> None:
+        """Raise OSError (or the backend's error) if blobs cannot be written now."""
+        ...
+
 
 def validate_blob_id(blob_id: str) -> str:
     """Return blob_id unchanged if it is a well-formed blob id, else raise ValueError."""

@@ -123,6 +123,13 @@ class LocalBlobStore:
                     pass  # finished or swept by someone else meanwhile
         return removed
 
+    def check(self) -> None:
+        """The root must be a directory we can write into."""
+        if not self._root.is_dir():
+            raise NotADirectoryError(f"blob root {self._root} is not a directory")
+        if not os.access(self._root, os.W_OK | os.X_OK):
+            raise PermissionError(f"blob root {self._root} is not writable")
+
     def describe(self) -> str:
         """E.g. "local:/var/lib/saf/blobs"."""
         return f"local:{self._root}"

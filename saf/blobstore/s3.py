@@ -158,6 +158,10 @@ class S3BlobStore:
             raise
         return True
 
+    def check(self) -> None:
+        """The bucket must exist and answer (a HEAD request on the bucket)."""
+        self._client.head_bucket(Bucket=self._bucket)
+
     def delete(self, blob_id: str) -> None:
         """Delete the blob's object (S3 treats deleting a missing key as success)."""
         self._client.delete_object(Bucket=self._bucket, Key=self.key_for(blob_id))

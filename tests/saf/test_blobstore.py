@@ -383,3 +383,15 @@ def test_s3_describe_hides_userinfo_in_endpoint(moto_s3_endpoint: str) -> None:
     store = S3BlobStore("some-bucket", endpoint_url=endpoint, region_name="us-east-1")
     assert "secret" not in store.describe()
     assert "user" not in store.describe()
+
+
+def test_check_passes_on_a_usable_store(store: BlobStore) -> None:
+    store.put(new_blob_id(), [b"x"])  # a local root is made by the first put (or Hub.open)
+    store.check()
+
+
+def test_local_check_refuses_a_root_that_is_not_a_directory(tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="occupied"):
+        LocalBlobStore(occupied).check()

@@ -1,0 +1,45 @@
+"""Export: the newest version of each instance, decrypted, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from saf.export import ExportError, export_study
+from saf.hub import Hub
+from saf.ingest import ingest_part10
+from tests.factories import dataset_sha256, make_clinic, make_study
+
+
+def test_export_gives_newest_version_whatever_its_instance_number(hub: Hub, tmp_path: Path) -> None:
+    sender = make_clinic(hub)
+    [original] = make_study(tmp_path / "in", count=1)
+    ds = dcmread(original)
+    ds.InstanceNumber = 0  # the correction sorts before the original by instance number
+    fixed = tmp_path / "fixed.dcm"
+    ds.save_as(fixed, enforce_file_format=True)
+    first = ingest_part10(hub, original, sender)
+    ingest_part10(hub, fixed, sender)
+
+    [exported] = export_study(hub, first.study_instance_uid, tmp_path / "out")
+
+    assert exported.version == 2
+    assert dataset_sha256(exported.path) == dataset_sha256(fixed)
+    assert exported.path.read_bytes() == fixed.read_bytes()
+
+
+def test_export_of_study_at_two_clinics_needs_the_clinic(hub: Hub, tmp_path: Path) -> None:
+    a = make_clinic(hub, "Clinic A", "AE_A")
+    b = make_clinic(hub, "Clinic B", "AE_B")
+    paths = make_study(tmp_path / "in", count=2)
+    for sender in (a, b):
+        for path in paths:
+            ingest_part10(hub, path, sender)
+    study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+
+    with pytest.raises(ExportError, match="pass --clinic"):
+        export_study(hub, study_uid, tmp_path / "x")
+    files = export_study(hub, study_uid, tmp_path / "b", clinic_id=b.clinic_id)
+    assert sorted(f.path.read_bytes() for f in files) == sorted(p.read_bytes() for p in paths)
