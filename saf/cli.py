@@ -264,6 +264,32 @@ def stats(ctx: typer.Context) -> None:
     out.print_json(json.dumps(collect(open_hub(ctx))))
 
 
+@app.command("fsck")
+def fsck_command(
+    ctx: typer.Context,
+    deep: Annotated[
+        bool, typer.Option(help="Also decrypt and authenticate every blob (reads everything).")
+    ] = False,
+) -> None:
+    """Check index and blob store agree; exit 1 if any indexed blob is missing or corrupt."""
+    from saf.fsck import fsck
+
+    report = fsck(open_hub(ctx), deep=deep)
+    out.print_json(
+        json.dumps(
+            {
+                "blobs_indexed": report.blobs_indexed,
+                "blobs_verified": report.blobs_verified,
+                "missing": report.missing,
+                "corrupt": [{"blob": b, "reason": r} for b, r in report.corrupt],
+                "unindexed": report.unindexed,
+            }
+        )
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @keys_app.command("list")
 def keys_list(ctx: typer.Context) -> None:
     """Key-encryption keys, which is active, and how many blobs each wraps."""
