@@ -503,6 +503,28 @@ class SafReceiver(Receiver):
             raise BenchError(f"saf stats did not print JSON with `instances`: {output!r}") from exc
 
 
+class FloorReceiver(Receiver):
+    """saf's DICOM node with ingest switched off (``bench.dimse_floor``): pynetdicom's cost."""
+
+    name = "floor"
+    called_aet = "SAF"
+
+    def version(self) -> str:
+        return f"pynetdicom {importlib.metadata.version('pynetdicom')}"
+
+    def command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path]:
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "bench.dimse_floor", str(workdir / "data"), str(self.port)]
+        return argv, {**os.environ, "PYTHONUNBUFFERED": "1"}, REPO_ROOT
+
+    def ready(self) -> bool:
+        return self.log_contains("listening")
+
+    def count(self) -> int:
+        assert self.process is not None
+        return sum(1 for line in self.process.log().splitlines() if line == "received")
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -642,17 +664,20 @@ def summarise(study: Study, m: Measurement) -> dict[str, Any]:
     }
 
 
+RATIOS = (("saf", "orthanc"), ("saf", "storescp"), ("floor", "orthanc"), ("saf", "floor"))
+"""(a, b) pairs reported as a/b time: <= 1.0 means a is as fast as b or faster."""
+
+
 def ratios(results: dict[str, Measurement]) -> dict[str, dict[str, float] | None]:
-    """saf time / other time (<= 1.0: saf as fast or faster), on median and on min."""
-    saf = results.get("saf")
+    """Time ratios of the RATIOS pairs that ran, on the median and on the min."""
     out: dict[str, dict[str, float] | None] = {}
-    for other in ("orthanc", "storescp"):
-        theirs = results.get(other)
-        if saf is None or theirs is None:
+    for a, b in RATIOS:
+        ours, theirs = results.get(a), results.get(b)
+        if ours is None or theirs is None:
             continue
-        usable = saf.times and theirs.times
-        out[f"saf/{other}"] = (
-            {"median": saf.median / theirs.median, "min": saf.best / theirs.best}
+        usable = ours.times and theirs.times
+        out[f"{a}/{b}"] = (
+            {"median": ours.median / theirs.median, "min": ours.best / theirs.best}
             if usable
             else None
         )
@@ -704,8 +729,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument(
         "--receivers",
-        default="saf,storescp,orthanc",
-        help="comma-separated subset of saf,storescp,orthanc, run in this order (default: all)",
+        default="saf,floor,storescp,orthanc",
+        help="comma-separated subset of saf,floor,storescp,orthanc, in this order (default: all)",
     )
     parser.add_argument(
         "--orthanc-fsync",
@@ -724,7 +749,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.receivers = list(dict.fromkeys(r.strip() for r in args.receivers.split(",") if r.strip()))
     if unknown := [w for w in args.workloads if w not in WORKLOADS]:
         parser.error(f"unknown workload(s): {', '.join(unknown)}")
-    if unknown := [r for r in args.receivers if r not in ("saf", "storescp", "orthanc")]:
+    if unknown := [r for r in args.receivers if r not in ("saf", "floor", "storescp", "orthanc")]:
         parser.error(f"unknown receiver(s): {', '.join(unknown)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -734,6 +759,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_receivers(names: Sequence[str], tools: Tools, orthanc_fsync: bool) -> list[Receiver]:
     factories: dict[str, Callable[[], Receiver]] = {
         "saf": lambda: SafReceiver(tools),
+        "floor": lambda: FloorReceiver(tools),
         "storescp": lambda: StorescpReceiver(tools),
         "orthanc": lambda: OrthancReceiver(tools, orthanc_fsync),
     }

@@ -8,6 +8,7 @@ then commit the index rows and an outbox event in one transaction.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import struct
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 HASH_BLOCK = 1 << 20
 """Read size when hashing received files."""
+
+IN_MEMORY_MAX = 8 << 20
+"""Received files up to this size are read into memory once; larger ones are streamed."""
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 """Element length meaning 'until the delimiter' (sequences, encapsulated pixel data)."""
@@ -161,7 +165,11 @@ def ingest_part10(
     Raises an IngestError subclass (whose `status` is the DICOM answer) when the
     file cannot be stored; in that case no row and no blob is left behind.
     """
-    parsed = _parse(path)
+    try:
+        received = _Received(path)
+    except OSError as exc:
+        raise OutOfResources(f"cannot read the received data: {exc.strerror or exc}") from exc
+    parsed = _parse(received)
     _validate(parsed, expected_sop_class_uid, expected_sop_instance_uid)
     sop_instance_uid = str(parsed.ds.SOPInstanceUID)
 
@@ -170,7 +178,7 @@ def ingest_part10(
         return duplicate
 
     try:
-        with path.open("rb") as plaintext:
+        with received.open() as plaintext:
             blob = vault.store(hub, plaintext, parsed.size)
     except OSError as exc:
         log.error("sealing %s failed: %s", sop_instance_uid, exc)
@@ -187,12 +195,29 @@ def ingest_part10(
     return result
 
 
-def _parse(path: Path) -> _Parsed:
+class _Received:
+    """The received file; read into memory once when small, streamed from disk when large.
+
+    Small instances dominate counts, and each read of the file is a system call that
+    hands the GIL to pynetdicom's polling threads; one read instead of three matters.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = os.path.getsize(path)
+        self._data = path.read_bytes() if self.size <= IN_MEMORY_MAX else None
+
+    def open(self) -> BinaryIO:
+        """A fresh reader positioned at the start."""
+        return io.BytesIO(self._data) if self._data is not None else self.path.open("rb")
+
+
+def _parse(received: _Received) -> _Parsed:
     """Read the File Meta and the dataset's elements once (large values are skipped, not
     read), check that every element is complete, and hash the dataset bytes."""
-    size = os.path.getsize(path)
+    size = received.size
     try:
-        with path.open("rb") as fp:
+        with received.open() as fp:
             read_preamble(fp, force=False)
             meta = _read_file_meta_info(fp)
             dataset_offset = fp.tell()
@@ -203,7 +228,8 @@ def _parse(path: Path) -> _Parsed:
             if syntax == DeflatedExplicitVRLittleEndian:
                 # Offsets would be those of the inflated stream; pydicom inflates it and
                 # zlib detects a truncated deflate stream.
-                ds = dcmread(path, stop_before_pixels=True)
+                fp.seek(0)
+                ds = dcmread(fp, stop_before_pixels=True)
             else:
                 ds = _read_elements(fp, syntax, size)
             fp.seek(dataset_offset)
