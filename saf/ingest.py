@@ -25,8 +25,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlalchemy.exc import SQLAlchemyError
 
 from saf import vault
 from saf.crypto import seal_value
@@ -173,7 +173,11 @@ def ingest_part10(
     _validate(parsed, expected_sop_class_uid, expected_sop_instance_uid)
     sop_instance_uid = str(parsed.ds.SOPInstanceUID)
 
-    duplicate = _find_duplicate(hub, sender.clinic_id, sop_instance_uid, parsed.sha256)
+    try:
+        duplicate = _find_duplicate(hub, sender.clinic_id, sop_instance_uid, parsed.sha256)
+    except SQLAlchemyError as exc:
+        log.error("duplicate check failed for %s: %s", sop_instance_uid, exc)
+        raise OutOfResources("the index database is unavailable") from exc
     if duplicate is not None:
         return duplicate
 
@@ -350,6 +354,10 @@ def _commit_with_retry(hub: Hub, parsed: _Parsed, sender: Sender, blob: Blob) ->
         except DBIntegrityError:
             if attempt == 2:
                 raise OutOfResources("index conflict persisted after retries") from None
+        except DataError as exc:
+            # The database refused a value: the dataset, not the hub, is at fault.
+            log.warning("index refused a value of %s: %s", parsed.ds.SOPInstanceUID, exc.orig)
+            raise CannotUnderstand("a header value cannot be indexed") from exc
         except SQLAlchemyError as exc:
             log.error("index commit failed for %s: %s", parsed.ds.SOPInstanceUID, exc)
             raise OutOfResources("the index database is unavailable") from exc
@@ -510,7 +518,8 @@ def _text(value: object, limit: int) -> str | None:
     """A header value as text cut to the column size; None when absent or empty."""
     if value is None:
         return None
-    text = str(value).strip()
+    # NUL cannot be stored in PostgreSQL text; DICOM pads with it at most.
+    text = str(value).replace("\x00", "").strip()
     return text[:limit] or None
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -88,9 +89,9 @@ class Patient(Base):
     clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
     patient_id: Mapped[str] = mapped_column(String(64))
     """DICOM PatientID (0010,0020), the clinic's identifier."""
-    name_sealed: Mapped[str | None] = mapped_column(String(512))
+    name_sealed: Mapped[str | None] = mapped_column(Text)
     """PatientName, sealed with saf.crypto.seal_value (context 'patient.name')."""
-    birth_date_sealed: Mapped[str | None] = mapped_column(String(256))
+    birth_date_sealed: Mapped[str | None] = mapped_column(Text)
     """PatientBirthDate, sealed with saf.crypto.seal_value (context 'patient.birth_date')."""
     sex: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -178,3 +178,24 @@ def test_blob_store_failure_is_out_of_resources(hub: Hub, tmp_path: Path) -> Non
 
     assert info.value.status == 0xA700
     assert all(n == 0 for n in row_counts(hub).values())
+
+
+def test_awkward_header_values_are_stored_on_every_database(hub: Hub, tmp_path: Path) -> None:
+    sender = make_clinic(hub)
+    [path] = make_study(tmp_path / "in", count=1)
+    ds = dcmread(path)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Ωμέγα^" + "Ä" * 60  # multi-byte UTF-8, long
+    ds.PatientID = "ID\x00WITH\x00NUL"
+    ds.StudyDescription = "x" * 200  # longer than the column: cut, not refused
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd, enforce_file_format=True)
+
+    result = ingest_part10(hub, odd, sender)
+
+    assert result.outcome is Outcome.STORED
+    with hub.sessions() as session:
+        patient = session.scalars(select(Patient)).one()
+    assert patient.patient_id == "IDWITHNUL"
+    assert patient.name_sealed
+    assert open_value(hub.keyring, patient.name_sealed, context="patient.name").startswith("Ωμέγα^")

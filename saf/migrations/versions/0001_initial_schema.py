@@ -75,8 +75,8 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("clinic_id", sa.String(length=32), nullable=False),
         sa.Column("patient_id", sa.String(length=64), nullable=False),
-        sa.Column("name_sealed", sa.String(length=512), nullable=True),
-        sa.Column("birth_date_sealed", sa.String(length=256), nullable=True),
+        sa.Column("name_sealed", sa.Text(), nullable=True),
+        sa.Column("birth_date_sealed", sa.Text(), nullable=True),
         sa.Column("sex", sa.String(length=16), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
