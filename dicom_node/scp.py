@@ -6,7 +6,9 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import weakref
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -30,6 +32,12 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 PROCESSING_FAILURE = 0x0110
 """Status for an unexpected error while storing (logged with a traceback)."""
 
+SPOOL_SWEEP_SECONDS = 30.0
+"""How often the spool is checked for files of aborted transfers."""
+
+SPOOL_GRACE_SECONDS = 30.0
+"""Quiet time beyond the network timeout before a spool file counts as abandoned."""
+
 
 class DicomNode:
     """A running DICOM SCP bound to the hub's storage."""
@@ -39,6 +47,9 @@ class DicomNode:
         self._senders: weakref.WeakKeyDictionary[Association, Sender] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._ingesting: set[Path] = set()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="saf-spool", daemon=True)
         self.ae = self._make_ae()
 
     @property
@@ -61,13 +72,47 @@ class DicomNode:
         self._server = self.ae.start_server(
             (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers
         )
+        self._sweeper.start()
 
     def stop(self) -> None:
         """Stop listening and abort open associations."""
+        self._stop.set()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+
+    def sweep_spool(self, now: float | None = None) -> int:
+        """Delete spool files of transfers that died mid-way; returns how many.
+
+        pynetdicom leaves the partial file of an aborted C-STORE behind. A live
+        transfer writes at least every network timeout (else it is aborted), and
+        files being ingested are skipped, so anything quiet for longer is garbage
+        (plaintext, never acknowledged).
+        """
+        cutoff = (
+            (now or time.time()) - self.hub.settings.dicom_network_timeout - SPOOL_GRACE_SECONDS
+        )
+        removed = 0
+        with self._lock:
+            busy = set(self._ingesting)
+        for path in self.hub.settings.spool_dir.iterdir():
+            try:
+                if path not in busy and path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # finished and removed by pynetdicom meanwhile
+        if removed:
+            log.info("removed %d spool file(s) left by aborted transfers", removed)
+        return removed
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(SPOOL_SWEEP_SECONDS):
+            try:
+                self.sweep_spool()
+            except OSError:
+                log.exception("spool sweep failed; retrying")
 
     def _make_ae(self) -> AE:
         settings = self.hub.settings
@@ -116,10 +161,13 @@ class DicomNode:
         if sender is None:  # cannot happen: unknown peers were rejected at association
             return _status(PROCESSING_FAILURE, "association has no registered sender")
         request = cast(C_STORE, event.request)
+        path = event.dataset_path
+        with self._lock:
+            self._ingesting.add(path)
         try:
             result = ingest_part10(
                 self.hub,
-                event.dataset_path,
+                path,
                 sender,
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
@@ -136,6 +184,9 @@ class DicomNode:
         except Exception:
             log.exception("C-STORE %s failed unexpectedly", request.AffectedSOPInstanceUID)
             return _status(PROCESSING_FAILURE, "internal error while storing; see hub log")
+        finally:
+            with self._lock:
+                self._ingesting.discard(path)
         log.debug("C-STORE %s: %s", result.sop_instance_uid, result.outcome)
         return 0x0000
 
