@@ -113,7 +113,12 @@ def _send_batch(
         host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_no_delay)]
     )
     if not assoc.is_established:
-        reason = "association rejected or aborted (is this AE title registered?)"
+        reason = (
+            f"association rejected by {called_aet}@{host}:{port} "
+            f"(is calling AE title {calling_aet} registered there?)"
+            if assoc.is_rejected
+            else f"no association with {host}:{port} (refused, unreachable or aborted)"
+        )
         for item in batch:
             report.failed.append((item.path, reason))
             if on_done:

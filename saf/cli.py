@@ -223,7 +223,7 @@ def send(
     table.add_row(str(len(report.sent)), str(len(report.failed)), str(len(report.skipped)))
     out.print(table)
     for path, reason in report.failed[:20]:
-        console.print(f"  failed {path}: {reason}", highlight=False)
+        console.print(f"  failed {path}: {reason}", highlight=False, soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.factories import dataset_sha256, make_study, sop_instance_uid
-from tests.interop.conftest import SafProcess, dcmtk_env
+from tests.interop.conftest import SafProcess, dcmtk_env, free_port
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("dcmtk")]
 
@@ -73,3 +76,61 @@ def _study_uid(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_saf_send_to_dcmtk_storescp_delivers_identical_datasets(tmp_path: Path) -> None:
+    sent = make_study(tmp_path / "sent", "ct-jpeg", count=3, size=64, seed=13)
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    scp = subprocess.Popen(
+        ["storescp", "--single-process", "-aet", "STORESCP", "+xa", "-od", str(received),
+         str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port)
+        result = subprocess.run(
+            [sys.executable, "-m", "saf", "send", str(sent[0].parent), "--to",
+             f"127.0.0.1:{port}", "--aet", "SAFSCU", "--called-aet", "STORESCP"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = {sop_instance_uid(p): dataset_sha256(p) for p in received.iterdir()}
+    assert got == {sop_instance_uid(p): dataset_sha256(p) for p in sent}
+
+
+def test_saf_send_to_nobody_says_so(tmp_path: Path) -> None:
+    sent = make_study(tmp_path / "sent", count=2, size=32, seed=14)
+    result = subprocess.run(
+        [sys.executable, "-m", "saf", "send", str(sent[0].parent), "--to",
+         f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no association with 127.0.0.1" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_saf_send_from_unregistered_ae_says_why(saf_node: SafProcess, tmp_path: Path) -> None:
+    sent = make_study(tmp_path / "sent", count=1, size=32, seed=15)
+    result = saf_node.saf(
+        "send", str(sent[0]), "--to", f"127.0.0.1:{saf_node.port}", "--aet", "STRANGER",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "is calling AE title STRANGER registered there?" in result.stdout + result.stderr
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
