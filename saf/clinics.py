@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import or_, select
 
+from saf.aetitle import check_ae_title
 from saf.db import transaction
 from saf.hub import Hub
 from saf.models import UNASSIGNED_CLINIC, Clinic, DicomPeer
@@ -25,20 +26,15 @@ class ClinicInfo:
     """(AE title, host or '' for any host)."""
 
 
-def check_ae_title(ae_title: str) -> str:
-    """The AE title stripped, or ClinicError if it is not a valid one (1-16 chars, no '\\')."""
-    value = ae_title.strip()
-    if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
-        raise ClinicError(f"invalid AE title {ae_title!r}: 1-16 printable characters, no '\\'")
-    return value
-
-
 def add_clinic(hub: Hub, name: str, ae_title: str | None = None, host: str = "") -> ClinicInfo:
     """Register a clinic (or reuse it by name) and optionally a calling AE title for it."""
     name = name.strip()
     if not name or len(name) > 64:
         raise ClinicError("clinic name must be 1-64 characters")
-    aet = check_ae_title(ae_title) if ae_title else None
+    try:
+        aet = check_ae_title(ae_title) if ae_title else None
+    except ValueError as exc:
+        raise ClinicError(str(exc)) from None
     with transaction(hub.sessions) as session:
         clinic = session.scalar(select(Clinic).where(Clinic.name == name))
         if clinic is None:

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 
 from saf.blobstore import Readable
+from saf.fsutil import fsync_dir
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -364,7 +365,7 @@ def _write_keyring_file(path: Path, keks: list[_Kek], active: str, *, overwrite:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -375,14 +376,6 @@ def _locked_dir(path: Path) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

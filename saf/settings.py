@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from saf.aetitle import check_ae_title
+
 
 class Settings(BaseSettings):
     """Everything an operator can set. Defaults run embedded on one machine."""
@@ -80,10 +82,7 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
-        value = value.strip()
-        if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
-            raise ValueError("ae_title must be 1-16 printable characters without a backslash")
-        return value
+        return check_ae_title(value)
 
     @model_validator(mode="after")
     def _check_backend(self) -> Settings:

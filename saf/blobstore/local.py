@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from saf.blobstore import BLOB_ID_PATTERN, BlobNotFound, validate_blob_id
+from saf.fsutil import fsync_dir
 
 __all__ = ["LocalBlobStore"]
 
@@ -66,7 +67,7 @@ class LocalBlobStore:
             # mid-way must not leave a temp file behind either.
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return written
 
     def open(self, blob_id: str) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -88,7 +89,7 @@ class LocalBlobStore:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def iter_ids(self) -> Iterator[str]:
         """Every stored blob id, in sorted order; temp files and strays are skipped."""
@@ -150,7 +151,7 @@ class LocalBlobStore:
                 d.mkdir(mode=0o700)
             except FileExistsError:
                 continue  # a concurrent put made it
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
 
 def _sorted_subdirs(path: Path) -> list[Path]:
@@ -163,11 +164,3 @@ def _sorted_subdirs(path: Path) -> list[Path]:
         for e in entries
         if _FAN_OUT_PATTERN.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from saf.clinics import list_clinics
+from saf.clinics import add_clinic, list_clinics
 from saf.hub import Hub
 from saf.models import UNASSIGNED_CLINIC
 from tests.factories import make_clinic, make_study, row_counts, running_node, stored_blob_ids
@@ -154,3 +154,14 @@ def test_concurrent_identical_sends_store_each_instance_once(hub: Hub, tmp_path:
     counts = row_counts(hub)
     assert (counts["study"], counts["series"], counts["instance"]) == (1, 1, 12)
     assert len(stored_blob_ids(hub)) == 12  # losers of a race removed their copies
+
+
+def test_ae_title_pinned_to_another_host_is_rejected(hub: Hub) -> None:
+    add_clinic(hub, "Clinic P", "PINNED", host="10.9.8.7")  # not where the test connects from
+    add_clinic(hub, "Clinic L", "LOCAL", host="127.0.0.1")
+    with running_node(hub) as (_, port):
+        far = _associate(port, "PINNED", [(Verification, ExplicitVRLittleEndian)])
+        near = _associate(port, "LOCAL", [(Verification, ExplicitVRLittleEndian)])
+        assert far.is_rejected
+        assert near.is_established
+        near.release()
