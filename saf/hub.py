@@ -46,7 +46,8 @@ class Hub:
     _keyring: KeyRing
     _keyring_mtime: float = 0.0
     row_ids: dict[tuple[str, ...], str] = field(default_factory=dict)
-    """Ids of committed study/series rows by natural key, to spare look-ups when ingesting."""
+    """Ids of committed study/series rows by natural key, to spare look-ups when ingesting.
+    Whatever deletes or merges studies or series must clear it."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod

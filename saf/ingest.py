@@ -41,6 +41,9 @@ HASH_BLOCK = 1 << 20
 IN_MEMORY_MAX = 8 << 20
 """Received files up to this size are read into memory once; larger ones are streamed."""
 
+ROW_ID_CACHE_MAX = 100_000
+"""Study/series ids remembered per process before the cache starts over."""
+
 UNDEFINED_LENGTH = 0xFFFFFFFF
 """Element length meaning 'until the delimiter' (sequences, encapsulated pixel data)."""
 
@@ -349,6 +352,8 @@ def _commit_with_retry(hub: Hub, parsed: _Parsed, sender: Sender, blob: Blob) ->
         try:
             with hub.engine.begin() as conn:
                 result, created = _index(hub, conn, parsed, sender, blob)
+            if len(hub.row_ids) > ROW_ID_CACHE_MAX:
+                hub.row_ids.clear()  # bounded: a cold entry costs one indexed look-up
             hub.row_ids.update(created)  # only ids that are committed
             return result
         except DBIntegrityError:
