@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
 from pydantic import ValidationError
@@ -35,13 +35,15 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Key-encryption keys: list and rotate.", no_args_is_help=True)
 clinic_app = typer.Typer(help="Clinics and their DICOM AE titles.", no_args_is_help=True)
+rules_app = typer.Typer(help="Routing rules: which worklist a case goes to.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(clinic_app, name="clinic")
+app.add_typer(rules_app, name="rules")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print what went wrong and what to do, then exit."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -348,6 +350,55 @@ def clinic_list(ctx: typer.Context) -> None:
     for info in list_clinics(open_hub(ctx)):
         table.add_row(info.name, info.id, ", ".join(f"{a}@{h or '*'}" for a, h in info.peers))
     out.print(table)
+
+
+def _rules_path(ctx: typer.Context, path: Path | None) -> Path:
+    from saf.routing import RULES_FILENAME
+
+    return path or settings_from(ctx).data_dir / RULES_FILENAME
+
+
+def _load_rules_or_fail(path: Path) -> Any:
+    from saf.routing import RulesError, default_rules, load_rules
+
+    try:
+        return load_rules(path)
+    except FileNotFoundError:
+        console.print(f"no rules file at {path}: the built-in default applies", highlight=False)
+        return default_rules()
+    except RulesError as exc:
+        fail(str(exc), code=1)
+
+
+@rules_app.command("show")
+def rules_show(
+    ctx: typer.Context,
+    path: Annotated[Path | None, typer.Option(help="Rules file [<data dir>/routing.toml].")] = None,
+) -> None:
+    """The rules in force, in the order they are tried (first match wins)."""
+    from saf.routing import describe
+
+    rules = _load_rules_or_fail(_rules_path(ctx, path))
+    table = Table("#", "name", "conditions", "worklist", title=f"routing rules ({rules.source})")
+    for row in describe(rules):
+        conditions = "; ".join(
+            f"{key}={','.join(cast(list[str], values))}"
+            for key, values in row.items()
+            if key not in {"position", "name", "worklist", "catch_all"} and values
+        )
+        table.add_row(str(row["position"]), str(row["name"]), conditions or "(any case)",
+                      str(row["worklist"]))  # fmt: skip
+    out.print(table)
+
+
+@rules_app.command("check")
+def rules_check(
+    ctx: typer.Context,
+    path: Annotated[Path | None, typer.Option(help="Rules file [<data dir>/routing.toml].")] = None,
+) -> None:
+    """Validate a rules file; exit 1 with the line and reason if it is broken."""
+    rules = _load_rules_or_fail(_rules_path(ctx, path))
+    out.print(f"{rules.source}: {len(rules.rules)} rule(s), OK", highlight=False)
 
 
 def main() -> None:

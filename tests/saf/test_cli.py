@@ -188,3 +188,31 @@ def test_s3_backend_without_bucket_is_refused(tmp_path: Path) -> None:
 
     for result in results:
         _assert_clean_failure(result, "SAF_S3_BUCKET")
+
+
+def test_rules_check_and_show(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        '[[rule]]\nname = "chest-ct"\nmodality = ["CT"]\nbodypart = ["CHEST"]\n'
+        'worklist = "thoracic"\n\n[[rule]]\nname = "default"\nworklist = "general"\n'
+    )
+    good = tmp_path / "good.toml"
+    good.write_text(broken.read_text().replace("bodypart", "body_part"))
+    env = _env(SAF_DATA_DIR=str(tmp_path / "data"))
+
+    check_broken, check_good, show = saf_all(
+        [
+            ("rules", "check", "--path", str(broken)),
+            ("rules", "check", "--path", str(good)),
+            ("rules", "show", "--path", str(good)),
+        ],
+        env=env,
+    )
+
+    assert check_broken.returncode == 1
+    message = _words(check_broken.stderr)
+    assert 'line 4 (rule "chest-ct"): unknown key "bodypart"' in message, message
+    assert "Traceback" not in check_broken.stderr
+    assert check_good.returncode == 0 and "2 rule(s), OK" in check_good.stdout
+    assert show.returncode == 0, show.stderr
+    assert "modality=CT; body_part=CHEST" in show.stdout and "thoracic" in show.stdout
