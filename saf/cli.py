@@ -353,9 +353,7 @@ def clinic_list(ctx: typer.Context) -> None:
 
 
 def _rules_path(ctx: typer.Context, path: Path | None) -> Path:
-    from saf.routing import RULES_FILENAME
-
-    return path or settings_from(ctx).data_dir / RULES_FILENAME
+    return path or settings_from(ctx).rules_path
 
 
 def _load_rules_or_fail(path: Path) -> Any:
@@ -368,6 +366,35 @@ def _load_rules_or_fail(path: Path) -> Any:
         return default_rules()
     except RulesError as exc:
         fail(str(exc), code=1)
+
+
+@app.command("worklist")
+def worklist_command(
+    ctx: typer.Context,
+    specialty: Annotated[str, typer.Argument(help="Worklist name, as in the routing rules.")],
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Rows per page.")] = 50,
+    page: Annotated[int, typer.Option(min=1, help="Page number.")] = 1,
+) -> None:
+    """Open cases of a worklist: most urgent first, then by due time; overdue marked."""
+    from saf.cases import worklist
+    from saf.models import utcnow
+
+    items = worklist(open_hub(ctx), specialty, limit=limit, offset=(page - 1) * limit)
+    now = utcnow()
+    table = Table("priority", "due (UTC)", "status", "clinic", "modalities", "assigned", "case",
+                  title=f"worklist {specialty} (page {page})")  # fmt: skip
+    for item in items:
+        due = item.due_at.strftime("%Y-%m-%d %H:%M")
+        table.add_row(
+            item.priority,
+            f"[bold red]{due} OVERDUE[/]" if item.overdue(now) else due,
+            item.status,
+            item.clinic,
+            ",".join(item.modalities),
+            item.assigned_to or "",
+            item.case_id,
+        )
+    out.print(table)
 
 
 @rules_app.command("show")

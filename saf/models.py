@@ -18,7 +18,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 UNASSIGNED_CLINIC = "unassigned"
 """Clinic that receives studies from unknown AE titles when SAF_DICOM_ACCEPT_UNKNOWN is on."""
@@ -34,10 +36,31 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware.
+
+    SQLite keeps no zone and hands back naive values; PostgreSQL returns aware ones.
+    This makes both return aware UTC, so comparisons never mix the two kinds.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     """Declarative base; naming convention keeps Alembic constraint names stable."""
 
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
 
 
 Base.metadata.naming_convention = {
@@ -209,3 +232,50 @@ class OutboxEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Case(Base):
+    """One consult: a clinic's patient, their studies (and, later, referral documents).
+
+    Its status is the FHIR Task status (saf.cases.TaskStatus); `specialty` is the
+    worklist routing put it on; `assigned_to` is the specialist who claimed it.
+    """
+
+    __tablename__ = "consult"  # "case" is an SQL keyword
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    patient_pk: Mapped[str] = mapped_column(ForeignKey("patient.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[str] = mapped_column(String(8))
+    due_at: Mapped[datetime] = mapped_column()
+    specialty: Mapped[str] = mapped_column(String(64), index=True)
+    routed_by: Mapped[str] = mapped_column(String(64))
+    """Name of the routing rule that chose the worklist."""
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    assigned_to: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CaseStudy(Base):
+    """A study belongs to at most one case."""
+
+    __tablename__ = "consult_study"
+
+    study_pk: Mapped[str] = mapped_column(ForeignKey("study.id"), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
+
+
+class CaseEvent(Base):
+    """The history of a case: every status change, routing and claim, append-only."""
+
+    __tablename__ = "consult_event"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(256), default="")

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saf.aetitle import check_ae_title
+from saf.routing import RULES_FILENAME
 
 
 class Settings(BaseSettings):
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
     stable_age_seconds: float = Field(default=10.0, ge=0)
     """A study is complete when no instance has arrived for this many seconds."""
 
+    turnaround_stat_seconds: float = Field(default=3600.0, gt=0)
+    """Target time from case creation to reply for a stat case (due time)."""
+
+    turnaround_urgent_seconds: float = Field(default=86400.0, gt=0)
+    """Target turnaround for an urgent case."""
+
+    turnaround_routine_seconds: float = Field(default=259200.0, gt=0)
+    """Target turnaround for a routine case (3 days)."""
+
     stable_check_interval: float = Field(default=2.0, gt=0)
     """How often the stable-study timer looks for complete studies."""
 
@@ -101,6 +111,11 @@ class Settings(BaseSettings):
     def effective_keyring_path(self) -> Path:
         """The key ring file actually used."""
         return self.keyring_path or self.data_dir / "keyring.json"
+
+    @property
+    def rules_path(self) -> Path:
+        """The routing rules file (see saf.routing)."""
+        return self.data_dir / RULES_FILENAME
 
     @property
     def blob_dir(self) -> Path:
