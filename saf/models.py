@@ -279,3 +279,28 @@ class CaseEvent(Base):
     from_status: Mapped[str | None] = mapped_column(String(16))
     to_status: Mapped[str] = mapped_column(String(16))
     note: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Thumbnail(Base):
+    """A rendered preview, sealed like everything else: of one instance or of a series."""
+
+    __tablename__ = "thumbnail"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "size", name="uq_thumbnail_instance_id_size"),
+        UniqueConstraint("series_pk", "size", name="uq_thumbnail_series_pk_size"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    instance_id: Mapped[str | None] = mapped_column(ForeignKey("instance.id"), index=True)
+    """Set for an instance thumbnail (exactly one of instance_id and series_pk is set)."""
+    series_pk: Mapped[str | None] = mapped_column(ForeignKey("series.id"), index=True)
+    """Set for a series' representative thumbnail."""
+    size: Mapped[int] = mapped_column(Integer)
+    """Longest side in pixels."""
+    media_type: Mapped[str] = mapped_column(String(32))
+    blob_id: Mapped[str] = mapped_column(ForeignKey("blob.id"))
+    placeholder: Mapped[bool] = mapped_column(default=False)
+    """True when the image could not be rendered and a placeholder was stored instead."""
+    reason: Mapped[str | None] = mapped_column(String(200))
+    """Why rendering failed (no PHI), for placeholders."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
