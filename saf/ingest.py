@@ -194,11 +194,11 @@ def ingest_part10(
     try:
         result = _commit_with_retry(hub, parsed, sender, blob)
     except BaseException:
-        _discard_quietly(hub, blob)
+        vault.discard(hub, blob)
         raise
     if result.outcome is Outcome.DUPLICATE:
         # Lost a race with an identical concurrent send: its copy is the one we keep.
-        _discard_quietly(hub, blob)
+        vault.discard(hub, blob)
     return result
 
 
@@ -533,10 +533,3 @@ def _int(value: object) -> int | None:
         return int(cast(Any, value))
     except (TypeError, ValueError):
         return None
-
-
-def _discard_quietly(hub: Hub, blob: Blob) -> None:
-    try:
-        vault.discard(hub, blob)
-    except Exception:  # never acknowledged and unreferenced: harmless, only space
-        log.exception("could not remove unreferenced blob %s", blob.id)

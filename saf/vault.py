@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from saf.blobstore import new_blob_id
 from saf.crypto import BlobHeader, seal, unseal
 from saf.hub import Hub
 from saf.models import Blob
+
+log = logging.getLogger(__name__)
 
 
 def store(hub: Hub, plaintext: BinaryIO, size: int) -> Blob:
@@ -28,8 +31,15 @@ def store(hub: Hub, plaintext: BinaryIO, size: int) -> Blob:
 
 
 def discard(hub: Hub, blob: Blob) -> None:
-    """Remove a blob whose index row was never committed."""
-    hub.blobs.delete(blob.id)
+    """Remove a blob whose index row was never committed.
+
+    Best effort: a blob that cannot be removed is unreferenced (never acknowledged),
+    harmless but for the space, and `saf fsck` reports it.
+    """
+    try:
+        hub.blobs.delete(blob.id)
+    except Exception:
+        log.exception("could not remove unreferenced blob %s", blob.id)
 
 
 def read(hub: Hub, blob: Blob) -> Iterator[bytes]:

@@ -1,0 +1,48 @@
+"""What happens after ingest, driven by outbox events: the work the Celery tasks will call.
+
+Every step is idempotent, so an event handled twice (a worker killed mid-task, a
+message redelivered) ends in the same state as handled once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from saf.cases import on_study_stable
+from saf.hub import Hub
+from saf.routing import RuleSet
+from saf.thumbnails import ThumbnailReport, make_study_thumbnails
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompletedStudy:
+    """The outcome of handling a complete study."""
+
+    study_id: str
+    case_id: str
+    thumbnails: ThumbnailReport
+
+
+def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
+    """Render the study's thumbnails, then make or join its case and route it."""
+    thumbnails = make_study_thumbnails(hub, study_id)
+    case_id = on_study_stable(hub, study_id, rules)
+    log.info(
+        "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s)",
+        study_id,
+        case_id,
+        thumbnails.made,
+        thumbnails.placeholders,
+    )
+    return CompletedStudy(study_id, case_id, thumbnails)
+
+
+def handle_event(hub: Hub, topic: str, payload: dict[str, Any], rules: RuleSet) -> object:
+    """Do the work an outbox event asks for; topics with nothing to do return None."""
+    if topic == "study.stable":
+        return complete_study(hub, str(payload["study_id"]), rules)
+    return None  # instance.stored / instance.new_version: nothing to do before completion
