@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -111,18 +112,21 @@ def up(
         bool, typer.Option(help="Register a demo clinic (AE DEMO) and load a sample study.")
     ] = False,
 ) -> None:
-    """Run every component on embedded defaults: the DICOM node and the HTTP app."""
+    """Run every component on embedded defaults: DICOM node, worker and HTTP app."""
     hub = open_hub(ctx, create=True, demo=demo)
     if demo:
         from saf.demo import load_demo
 
         load_demo(hub)
     node, timer = _start_dicom(hub)
+    worker_proc = _start_worker(hub)
     try:
         _serve_http(hub)
     finally:
+        worker_proc.terminate()
         timer.stop()
         node.stop()
+        worker_proc.wait(timeout=30)
 
 
 @app.command()
@@ -139,9 +143,48 @@ def dicom(ctx: typer.Context) -> None:
 
 
 @app.command()
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once.")] = 2,
+) -> None:
+    """Run a Celery worker and the outbox dispatcher (thumbnails, cases, routing)."""
+    from saf.outbox import Dispatcher
+    from workers import tasks
+    from workers.app import QUEUE, make_celery
+
+    hub = open_hub(ctx)
+    celery_app = make_celery(hub.settings)
+    tasks.configure(hub)
+    dispatcher = Dispatcher(
+        hub, lambda event_id: tasks.handle_outbox_event.apply_async(args=[event_id], queue=QUEUE)
+    )
+    dispatcher.start()
+    out.print(f"worker on {_broker_label(hub.settings.effective_broker_url)}", highlight=False)
+    try:
+        celery_app.worker_main(
+            ["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", QUEUE,
+             "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        )  # fmt: skip
+    finally:
+        dispatcher.stop()
+
+
+def _broker_label(url: str) -> str:
+    """The broker URL without credentials, for messages."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+@app.command()
 def api(ctx: typer.Context) -> None:
     """Run the HTTP app alone."""
     _serve_http(open_hub(ctx))
+
+
+def _start_worker(hub: Hub) -> subprocess.Popen[bytes]:
+    """`saf worker` as a child process (same settings), so `saf up` is one process tree."""
+    argv = [sys.executable, "-m", "saf", "--data-dir", str(hub.settings.data_dir), "worker"]
+    return subprocess.Popen(argv)
 
 
 def _start_dicom(hub: Hub) -> tuple[Any, Any]:

@@ -17,6 +17,9 @@ from saf.thumbnails import ThumbnailReport, make_study_thumbnails
 
 log = logging.getLogger(__name__)
 
+ACTIONABLE_TOPICS = frozenset({"study.stable"})
+"""Outbox topics that need a task; the others are records only, for now."""
+
 
 @dataclass(frozen=True)
 class CompletedStudy:

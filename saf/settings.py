@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     stable_check_interval: float = Field(default=2.0, gt=0)
     """How often the stable-study timer looks for complete studies."""
 
+    broker_url: str | None = None
+    """Celery broker (redis://…, amqp://…); default: an embedded SQLite broker in the data dir."""
+
+    outbox_poll_interval: float = Field(default=1.0, gt=0)
+    """How often the outbox dispatcher looks for committed events to publish."""
+
     demo: bool = False
     """Demo mode: registers a demo clinic and loads a sample study."""
 
@@ -111,6 +117,13 @@ class Settings(BaseSettings):
     def effective_keyring_path(self) -> Path:
         """The key ring file actually used."""
         return self.keyring_path or self.data_dir / "keyring.json"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker actually used: durable, server-less SQLite by default."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
 
     @property
     def rules_path(self) -> Path:

@@ -1,1 +1,1 @@
-"""Celery app and thin tasks over saf functions (thumbnails, routing); built in a later issue."""
+"""Celery app and thin tasks over saf functions (thumbnails, cases and routing)."""
