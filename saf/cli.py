@@ -148,6 +148,8 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once.")] = 2,
 ) -> None:
     """Run a Celery worker and the outbox dispatcher (thumbnails, cases, routing)."""
+    from celery.signals import worker_ready
+
     from saf.outbox import Dispatcher
     from workers import tasks
     from workers.app import QUEUE, make_celery
@@ -158,7 +160,9 @@ def worker(
     dispatcher = Dispatcher(
         hub, lambda event_id: tasks.handle_outbox_event.apply_async(args=[event_id], queue=QUEUE)
     )
-    dispatcher.start()
+    # Publish only once this worker consumes: its queue is declared by then, and a
+    # message published to an undeclared queue could be dropped by the broker.
+    worker_ready.connect(lambda **_: dispatcher.start(), weak=False)
     out.print(f"worker on {_broker_label(hub.settings.effective_broker_url)}", highlight=False)
     try:
         celery_app.worker_main(

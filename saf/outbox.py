@@ -69,7 +69,8 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop after the current pass."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # never started if the worker never got ready
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self._hub.settings.outbox_poll_interval):

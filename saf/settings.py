@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     """Celery broker (redis://…, amqp://…); default: an embedded SQLite broker in the data dir."""
 
+    broker_visibility_timeout: float = Field(default=600.0, gt=0)
+    """Seconds before Redis hands an unacknowledged task (its worker died) to another worker."""
+
     outbox_poll_interval: float = Field(default=1.0, gt=0)
     """How often the outbox dispatcher looks for committed events to publish."""
 

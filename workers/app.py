@@ -26,5 +26,7 @@ def make_celery(settings: Settings) -> Celery:
     )
     if app.conf.broker_url.startswith(("redis", "rediss")):
         # Unacknowledged tasks (their worker died) come back after this many seconds.
-        app.conf.broker_transport_options = {"visibility_timeout": 600}
+        app.conf.broker_transport_options = {
+            "visibility_timeout": settings.broker_visibility_timeout
+        }
     return app

@@ -1,0 +1,48 @@
+"""The outbox dispatcher: publishes what needs a task; keeps events while publishing fails."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from saf.hub import Hub
+from saf.ingest import ingest_part10
+from saf.models import OutboxEvent, utcnow
+from saf.outbox import Dispatcher, dispatch_pending
+from saf.stability import mark_stable_studies
+from tests.factories import make_clinic, make_study
+
+
+def _pending(hub: Hub) -> list[str]:
+    with hub.sessions() as session:
+        return list(
+            session.scalars(select(OutboxEvent.topic).where(OutboxEvent.dispatched_at.is_(None)))
+        )
+
+
+def test_publishes_actionable_events_once_and_keeps_them_while_broker_is_down(
+    hub: Hub, tmp_path: Path
+) -> None:
+    sender = make_clinic(hub)
+    for path in make_study(tmp_path, count=2):
+        ingest_part10(hub, path, sender)
+    mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+
+    def broker_down(event_id: int) -> None:
+        raise ConnectionError("broker unreachable")
+
+    with pytest.raises(ConnectionError):
+        dispatch_pending(hub, broker_down)
+    assert _pending(hub) == ["study.stable"]  # records marked, the actionable one kept
+
+    published: list[int] = []
+    assert dispatch_pending(hub, published.append) == 1
+    assert dispatch_pending(hub, published.append) == 0
+    assert len(published) == 1 and _pending(hub) == []
+
+
+def test_unstarted_dispatcher_stops_cleanly(hub: Hub) -> None:
+    Dispatcher(hub, lambda event_id: None).stop()
