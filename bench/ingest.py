@@ -766,7 +766,8 @@ def build_receivers(names: Sequence[str], tools: Tools, orthanc_fsync: bool) -> 
     return [factories[name]() for name in names]
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: unwind like Ctrl-C so every receiver is stopped."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -799,22 +800,36 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+def run_benchmark(
+    benchmark: Callable[[argparse.Namespace, Path], dict[str, Any]],
+    args: argparse.Namespace,
+    *,
+    prefix: str,
+    scratch: Path | None = None,
+) -> int:
+    """Run `benchmark` in a temp dir that is always removed; SIGTERM acts like Ctrl-C.
+
+    Returns the exit status: 0, 1 when the run is invalid, 130 when interrupted.
+    """
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        with tempfile.TemporaryDirectory(prefix="saf-bench-", dir=args.scratch) as tmp:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
             report = benchmark(args, Path(tmp))
     except BenchError as exc:
         console.print(f"[bold red]benchmark failed:[/] {exc}")
         return 1
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]; receivers stopped, temp dir removed")
+        console.print("[bold red]interrupted[/]; every process stopped, temp dir removed")
         return 130
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"results written to {args.json}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_benchmark(benchmark, args, prefix="saf-bench-", scratch=args.scratch)
 
 
 if __name__ == "__main__":

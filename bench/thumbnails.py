@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,11 +41,11 @@ from bench.ingest import (
     Study,
     Tools,
     Workload,
-    _interrupt,
     console,
     cpu_model,
     generate,
     mounted_filesystem,
+    run_benchmark,
     send_study,
     wait_for_count,
 )
@@ -266,21 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="saf-bench-thumbs-") as tmp:
-            report = benchmark(args, Path(tmp))
-    except BenchError as exc:
-        console.print(f"[bold red]benchmark failed:[/] {exc}")
-        return 1
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]; Orthanc stopped, temp dir removed")
-        return 130
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"results written to {args.json}")
-    return 0
+    return run_benchmark(benchmark, parse_args(argv), prefix="saf-bench-thumbs-")
 
 
 if __name__ == "__main__":

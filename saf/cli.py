@@ -403,12 +403,14 @@ def _rules_path(ctx: typer.Context, path: Path | None) -> Path:
     return path or settings_from(ctx).rules_path
 
 
-def _load_rules_or_fail(path: Path) -> Any:
+def _load_rules_or_fail(path: Path, *, explicit: bool) -> Any:
     from saf.routing import RulesError, default_rules, load_rules
 
     try:
         return load_rules(path)
     except FileNotFoundError:
+        if explicit:
+            fail(f"no rules file at {path}")
         console.print(f"no rules file at {path}: the built-in default applies", highlight=False)
         return default_rules()
     except RulesError as exc:
@@ -452,7 +454,7 @@ def rules_show(
     """The rules in force, in the order they are tried (first match wins)."""
     from saf.routing import describe
 
-    rules = _load_rules_or_fail(_rules_path(ctx, path))
+    rules = _load_rules_or_fail(_rules_path(ctx, path), explicit=path is not None)
     table = Table("#", "name", "conditions", "worklist", title=f"routing rules ({rules.source})")
     for row in describe(rules):
         conditions = "; ".join(
@@ -471,7 +473,7 @@ def rules_check(
     path: Annotated[Path | None, typer.Option(help="Rules file [<data dir>/routing.toml].")] = None,
 ) -> None:
     """Validate a rules file; exit 1 with the line and reason if it is broken."""
-    rules = _load_rules_or_fail(_rules_path(ctx, path))
+    rules = _load_rules_or_fail(_rules_path(ctx, path), explicit=path is not None)
     out.print(f"{rules.source}: {len(rules.rules)} rule(s), OK", highlight=False)
 
 

@@ -200,11 +200,12 @@ def test_rules_check_and_show(tmp_path: Path) -> None:
     good.write_text(broken.read_text().replace("bodypart", "body_part"))
     env = _env(SAF_DATA_DIR=str(tmp_path / "data"))
 
-    check_broken, check_good, show = saf_all(
+    check_broken, check_good, show, check_missing = saf_all(
         [
             ("rules", "check", "--path", str(broken)),
             ("rules", "check", "--path", str(good)),
             ("rules", "show", "--path", str(good)),
+            ("rules", "check", "--path", str(tmp_path / "typo.toml")),
         ],
         env=env,
     )
@@ -216,3 +217,4 @@ def test_rules_check_and_show(tmp_path: Path) -> None:
     assert check_good.returncode == 0 and "2 rule(s), OK" in check_good.stdout
     assert show.returncode == 0, show.stderr
     assert "modality=CT; body_part=CHEST" in show.stdout and "thoracic" in show.stdout
+    _assert_clean_failure(check_missing, "no rules file at", "typo.toml")
