@@ -95,6 +95,11 @@ class DicomPeer(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255), default="")
     """Peer address the AE title must come from; empty means any host."""
+    permissions: Mapped[str] = mapped_column(String(32), default="store")
+    """DIMSE services the peer may use, comma-separated from store, find, move, get."""
+    cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    """When set, the peer must connect over TLS with the client certificate of this
+    SHA-256 fingerprint (hex, lower case)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     clinic: Mapped[Clinic] = relationship(back_populates="peers")
@@ -304,3 +309,79 @@ class Thumbnail(Base):
     reason: Mapped[str | None] = mapped_column(String(200))
     """Why rendering failed (no PHI), for placeholders."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """A person who logs in: a clinician (one clinic), a specialist or an admin."""
+
+    __tablename__ = "app_user"  # "user" is reserved in PostgreSQL
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    """argon2id hash (PHC string)."""
+    role: Mapped[str] = mapped_column(String(16))
+    """clinician | specialist | admin."""
+    clinic_id: Mapped[str | None] = mapped_column(ForeignKey("clinic.id"), index=True)
+    """The clinic of a clinician; None for specialists and admins."""
+    specialties: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Worklists a specialist serves."""
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiClient(Base):
+    """A system (an EHR) that authenticates with SMART Backend Services; one clinic's."""
+
+    __tablename__ = "api_client"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    """The OAuth client_id (the `iss` and `sub` of its assertions)."""
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    jwks: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """Public keys that sign its client assertions (a JWK Set)."""
+    scopes: Mapped[str] = mapped_column(String(1024))
+    """SMART scopes it may be granted, space-separated."""
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsedAssertion(Base):
+    """A client assertion `jti` already accepted; kept until the assertion expires."""
+
+    __tablename__ = "used_assertion"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class AuditRecord(Base):
+    """Who did what to which resource, when, from where, with what outcome. Append-only:
+    the code has no update or delete path, and database triggers refuse both."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    """What happened: see saf.audit.EVENTS (login, read, search, create, ...)."""
+    action: Mapped[str] = mapped_column(String(1))
+    """FHIR AuditEvent.action: C, R, U, D or E."""
+    outcome: Mapped[int] = mapped_column(Integer)
+    """FHIR AuditEvent.outcome: 0 success, 4 minor failure, 8 serious failure, 12 major."""
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    """user | client | ae | system | anonymous."""
+    actor_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    actor_name: Mapped[str | None] = mapped_column(String(64))
+    """Username, client name or AE title (never a patient's data)."""
+    clinic_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The tenant whose data was touched, when known."""
+    source_address: Mapped[str | None] = mapped_column(String(255))
+    entity_type: Mapped[str | None] = mapped_column(String(32))
+    entity_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_pk: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The patient whose data was touched (BALP patient participant), when known."""
+    detail: Mapped[str | None] = mapped_column(String(256))
+    """Ids and counts only; no PHI."""

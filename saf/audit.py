@@ -1,0 +1,102 @@
+"""The audit trail: one append-only record per access to PHI, login and DICOM association.
+
+`record` writes in its own short transaction, so a refused or failed request is
+recorded too. There is deliberately no function that changes or removes a record
+(and database triggers refuse UPDATE and DELETE on the table).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from saf.db import transaction
+from saf.hub import Hub
+from saf.identity import Principal
+from saf.models import AuditRecord
+
+log = logging.getLogger(__name__)
+
+Action = Literal["C", "R", "U", "D", "E"]
+"""FHIR AuditEvent.action: create, read, update, delete, execute."""
+
+SUCCESS = 0
+MINOR_FAILURE = 4
+"""The request was refused (bad credentials, not allowed, not found)."""
+SERIOUS_FAILURE = 8
+MAJOR_FAILURE = 12
+
+EVENTS: dict[str, Action] = {
+    "login": "E",
+    "logout": "E",
+    "token": "E",
+    "read": "R",
+    "search": "E",
+    "create": "C",
+    "update": "U",
+    "delete": "D",
+    "export": "R",
+    "dicom-association": "E",
+    "dicom-store": "C",
+    "dicom-find": "E",
+    "dicom-retrieve": "R",
+    "config": "U",
+}
+"""Event names and the FHIR action each implies (BALP: search and query are E)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acted, for a record made before a Principal exists (a failed login, an AE)."""
+
+    kind: Literal["user", "client", "ae", "system", "anonymous"]
+    id: str | None
+    name: str | None
+    address: str | None = None
+
+
+def actor_of(principal: Principal) -> Actor:
+    """The audit actor for an authenticated caller."""
+    return Actor(principal.kind, principal.id, principal.name, principal.address or None)
+
+
+def record(
+    hub: Hub,
+    event: str,
+    who: Principal | Actor,
+    *,
+    outcome: int = SUCCESS,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+    clinic_id: str | None = None,
+    patient_pk: str | None = None,
+    detail: str | None = None,
+    at: datetime | None = None,
+) -> int:
+    """Append one audit record and return its id. `detail` must hold ids and counts only."""
+    action = EVENTS.get(event)
+    if action is None:
+        raise ValueError(f"unknown audit event {event!r} (add it to saf.audit.EVENTS)")
+    actor = actor_of(who) if isinstance(who, Principal) else who
+    row = AuditRecord(
+        event=event,
+        action=action,
+        outcome=outcome,
+        actor_kind=actor.kind,
+        actor_id=actor.id,
+        actor_name=(actor.name or None) and actor.name[:64],
+        clinic_id=clinic_id,
+        source_address=actor.address,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        patient_pk=patient_pk,
+        detail=detail[:256] if detail else None,
+    )
+    if at is not None:
+        row.at = at
+    with transaction(hub.sessions) as session:
+        session.add(row)
+        session.flush()
+        return int(row.id)
