@@ -26,30 +26,39 @@ def dispatch_pending(hub: Hub, publish: Callable[[int], None]) -> int:
     Events no task acts on are marked without publishing. A publish that fails
     (broker down) stops the pass and leaves that event and the rest pending. A crash
     between publish and mark publishes again later: tasks are idempotent.
+
+    On PostgreSQL the pending rows are locked with SKIP LOCKED until they are marked,
+    so several workers' dispatchers share the work instead of each publishing every
+    event. (SQLite has no row locks; it serves one machine, where one worker runs.)
     """
-    with hub.sessions() as session:
+    published = 0
+    failure: Exception | None = None
+    with transaction(hub.sessions) as session:
         pending = session.execute(
             select(OutboxEvent.id, OutboxEvent.topic)
             .where(OutboxEvent.dispatched_at.is_(None))
             .order_by(OutboxEvent.id)
             .limit(BATCH)
+            .with_for_update(skip_locked=True)
         ).all()
-    done: list[int] = []
-    published = 0
-    try:
+        done: list[int] = []
         for event_id, topic in pending:
             if topic in ACTIONABLE_TOPICS:
-                publish(event_id)
+                try:
+                    publish(event_id)
+                except Exception as exc:
+                    failure = exc
+                    break
                 published += 1
             done.append(event_id)
-    finally:
         if done:
-            with transaction(hub.sessions) as session:
-                session.execute(
-                    update(OutboxEvent)
-                    .where(OutboxEvent.id.in_(done))
-                    .values(dispatched_at=utcnow(), attempts=OutboxEvent.attempts + 1)
-                )
+            session.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.id.in_(done))
+                .values(dispatched_at=utcnow(), attempts=OutboxEvent.attempts + 1)
+            )
+    if failure is not None:
+        raise failure
     return published
 
 

@@ -339,10 +339,11 @@ def _pixel_aspect(ds: Dataset) -> float:
 
 
 def _resize(image: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Resample to ``target`` with Lanczos (reducing first when shrinking a lot)."""
+    """Resample to ``target`` with Lanczos, box-reducing first when shrinking 2x or more
+    (as Pillow's own thumbnail does: much faster, and no visible difference)."""
     if image.size == target:
         return image
-    return image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
 
 
 def _encode(image: Image.Image, fmt: Format, quality: int) -> bytes:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tempfile
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 from pydicom import dcmread
@@ -36,6 +39,12 @@ SERIES_SIZE = 256
 
 MEDIA_TYPE = "image/jpeg"
 """Media type of every stored thumbnail."""
+
+THREADS = max(2, min(4, os.cpu_count() or 1))
+"""Instances read, rendered and sealed at once for one study."""
+
+BATCH = 64
+"""Thumbnails indexed per transaction."""
 
 IN_MEMORY_MAX = 64 << 20
 """Instances up to this size are decrypted into memory; larger ones spool to a temp file."""
@@ -83,6 +92,17 @@ class _Source:
     blob: Blob
 
 
+@dataclass
+class _Made:
+    """A sealed thumbnail whose index row is not committed yet."""
+
+    target: _Target
+    blob: Blob
+    reason: str | None
+    at: datetime = field(default_factory=utcnow)
+    committed: bool = False
+
+
 class _Unrenderable(Exception):
     """The source could not be turned into an image; `reason` is short and PHI-free."""
 
@@ -92,8 +112,13 @@ class _Unrenderable(Exception):
 
 
 def make_study_thumbnails(hub: Hub, study_id: str) -> ThumbnailReport:
-    """Make the missing instance and series thumbnails of the study with primary key `study_id`."""
+    """Make the missing instance and series thumbnails of the study with primary key `study_id`.
+
+    Instances are read, rendered and sealed on a few threads (decoding, resampling,
+    encryption and fsync release the GIL); their index rows are committed in batches.
+    """
     report = ThumbnailReport()
+    jobs: list[tuple[_Source, list[_Target]]] = []
     by_series = _newest_instances(hub, study_id)
     done_instances, done_series = _existing(hub, by_series)
     for series_pk, sources in by_series.items():
@@ -110,8 +135,36 @@ def make_study_thumbnails(hub: Hub, study_id: str) -> ThumbnailReport:
                 else:
                     targets.append(_Target(SERIES_SIZE, series_pk=series_pk))
             if targets:
-                _make(hub, source, targets, report)
+                jobs.append((source, targets))
+    if jobs:
+        _run(hub, jobs, report)
     return report
+
+
+def _run(hub: Hub, jobs: list[tuple[_Source, list[_Target]]], report: ThumbnailReport) -> None:
+    """Prepare every job on a thread pool and commit the results in batches, in order."""
+    batch: list[_Made] = []
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="thumbnails") as pool:
+        futures = [pool.submit(_prepare, hub, source, targets) for source, targets in jobs]
+        try:
+            for future in futures:
+                batch.extend(future.result())
+                if len(batch) >= BATCH:
+                    _commit(hub, batch, report)
+                    batch = []
+            _commit(hub, batch, report)
+        except BaseException:
+            # Nothing prepared may outlive a failed run: stop what has not started, wait
+            # for the rest, and remove every blob whose row was not committed.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            for future in futures:
+                if not future.cancelled() and future.exception() is None:
+                    for made in future.result():
+                        if not made.committed:
+                            vault.discard(hub, made.blob)
+            raise
 
 
 def thumbnail_bytes(
@@ -207,36 +260,41 @@ def _existing(hub: Hub, by_series: dict[str, list[_Source]]) -> tuple[set[str], 
 # --------------------------------------------------------------------------- rendering
 
 
-def _make(hub: Hub, source: _Source, targets: list[_Target], report: ThumbnailReport) -> None:
-    """Read `source` once and store a thumbnail (or placeholder) for each target."""
+def _prepare(hub: Hub, source: _Source, targets: list[_Target]) -> list[_Made]:
+    """Read `source` once; render and seal a thumbnail (or placeholder) for each target."""
     try:
         ds: Dataset | None = _load(hub, source)
         failure: str | None = None
     except _Unrenderable as exc:
         ds, failure = None, exc.reason
-    for target in targets:
-        reason = failure
-        jpeg = b""
-        if ds is not None:
-            try:
-                jpeg = render(ds, size=target.size, fmt="jpeg")
-            except RenderError as exc:
-                reason = exc.reason
-            except _READ_ERRORS as exc:  # a malformed header value, decoded lazily by pydicom
-                # The message may quote header values (PHI): log its type only.
+    prepared: list[_Made] = []
+    try:
+        for target in targets:
+            reason = failure
+            jpeg = b""
+            if ds is not None:
+                try:
+                    jpeg = render(ds, size=target.size, fmt="jpeg")
+                except RenderError as exc:
+                    reason = exc.reason
+                except _READ_ERRORS as exc:  # a malformed header value, decoded lazily
+                    # The message may quote header values (PHI): log its type only.
+                    log.warning(
+                        "instance %s: %s while rendering", source.instance_id, type(exc).__name__
+                    )
+                    reason = UNREADABLE
+            if reason is not None:
+                reason = reason[:_REASON_MAX]
                 log.warning(
-                    "instance %s: %s while rendering", source.instance_id, type(exc).__name__
+                    "thumbnail of instance %s is a placeholder: %s", source.instance_id, reason
                 )
-                reason = UNREADABLE
-        if reason is not None:
-            reason = reason[:_REASON_MAX]
-            log.warning("thumbnail of instance %s is a placeholder: %s", source.instance_id, reason)
-            jpeg = render_placeholder(target.size, reason, "jpeg")
-        if _store(hub, target, jpeg, reason):
-            report.made += 1
-            report.placeholders += reason is not None
-        else:
-            report.skipped += 1
+                jpeg = render_placeholder(target.size, reason, "jpeg")
+            prepared.append(_Made(target, vault.store(hub, io.BytesIO(jpeg), len(jpeg)), reason))
+    except BaseException:
+        for made in prepared:
+            vault.discard(hub, made.blob)
+        raise
+    return prepared
 
 
 def _load(hub: Hub, source: _Source) -> Dataset:
@@ -261,32 +319,57 @@ def _load(hub: Hub, source: _Source) -> Dataset:
 # --------------------------------------------------------------------------- storing
 
 
-def _store(hub: Hub, target: _Target, jpeg: bytes, reason: str | None) -> bool:
-    """Seal and commit one thumbnail; False when a concurrent run committed it first."""
-    blob = vault.store(hub, io.BytesIO(jpeg), len(jpeg))
-    now = utcnow()
+def _commit(hub: Hub, batch: list[_Made], report: ThumbnailReport) -> None:
+    """Index a batch of sealed thumbnails in one transaction.
+
+    When a concurrent run got some of them first (a unique constraint fails), each
+    is committed on its own instead, and the losers' blobs are removed.
+    """
+    if not batch:
+        return
     try:
         with hub.engine.begin() as conn:
-            conn.execute(
-                insert(_blobs),
-                {"id": blob.id, "header": blob.header, "key_id": blob.key_id, "size": blob.size,
-                 "created_at": now},
-            )  # fmt: skip
-            conn.execute(
-                insert(_thumbnails),
-                {"id": new_id(), "instance_id": target.instance_id, "series_pk": target.series_pk,
-                 "size": target.size, "media_type": MEDIA_TYPE, "blob_id": blob.id,
-                 "placeholder": reason is not None, "reason": reason, "created_at": now},
-            )  # fmt: skip
+            conn.execute(insert(_blobs), [_blob_row(made) for made in batch])
+            conn.execute(insert(_thumbnails), [_thumbnail_row(made) for made in batch])
     except DBIntegrityError:
-        vault.discard(hub, blob)
-        if not _exists(hub, target):
+        for made in batch:
+            _commit_one(hub, made, report)
+        return
+    for made in batch:
+        made.committed = True
+        report.made += 1
+        report.placeholders += made.reason is not None
+
+
+def _commit_one(hub: Hub, made: _Made, report: ThumbnailReport) -> None:
+    try:
+        with hub.engine.begin() as conn:
+            conn.execute(insert(_blobs), _blob_row(made))
+            conn.execute(insert(_thumbnails), _thumbnail_row(made))
+    except DBIntegrityError:
+        if not _exists(hub, made.target):
             raise  # not a lost race: a real constraint violation
-        return False
-    except BaseException:
-        vault.discard(hub, blob)
-        raise
-    return True
+        vault.discard(hub, made.blob)
+        made.committed = True  # settled: someone else's row stands for it
+        report.skipped += 1
+        return
+    made.committed = True
+    report.made += 1
+    report.placeholders += made.reason is not None
+
+
+def _blob_row(made: _Made) -> dict[str, Any]:
+    blob = made.blob
+    return {"id": blob.id, "header": blob.header, "key_id": blob.key_id, "size": blob.size,
+            "created_at": made.at}  # fmt: skip
+
+
+def _thumbnail_row(made: _Made) -> dict[str, Any]:
+    target = made.target
+    return {"id": new_id(), "instance_id": target.instance_id, "series_pk": target.series_pk,
+            "size": target.size, "media_type": MEDIA_TYPE, "blob_id": made.blob.id,
+            "placeholder": made.reason is not None, "reason": made.reason,
+            "created_at": made.at}  # fmt: skip
 
 
 def _exists(hub: Hub, target: _Target) -> bool:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from saf.db import transaction
 from saf.hub import Hub
 from saf.ingest import ingest_part10
 from saf.models import OutboxEvent, utcnow
 from saf.outbox import Dispatcher, dispatch_pending
+from saf.settings import Settings
 from saf.stability import mark_stable_studies
 from tests.factories import make_clinic, make_study
 
@@ -46,3 +50,35 @@ def test_publishes_actionable_events_once_and_keeps_them_while_broker_is_down(
 
 def test_unstarted_dispatcher_stops_cleanly(hub: Hub) -> None:
     Dispatcher(hub, lambda event_id: None).stop()
+
+
+def test_concurrent_dispatchers_publish_each_event_once_on_postgresql(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    hub = Hub.open(Settings(data_dir=tmp_path / "data", database_url=postgres_url), create=True)
+    try:
+        with transaction(hub.sessions) as session:
+            session.add_all(
+                OutboxEvent(topic="study.stable", payload={"study_id": str(n)}) for n in range(60)
+            )
+        published: list[int] = []
+        lock = threading.Lock()
+
+        def slow_publish(event_id: int) -> None:
+            time.sleep(0.002)  # a broker round trip: long enough for the passes to overlap
+            with lock:
+                published.append(event_id)
+
+        def drain() -> None:
+            while dispatch_pending(hub, slow_publish):
+                pass
+
+        threads = [threading.Thread(target=drain) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(published) == sorted(set(published)) and len(published) == 60
+        assert _pending(hub) == []
+    finally:
+        hub.close()
