@@ -236,6 +236,11 @@ class OutboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    """Last time the event was handed to the broker."""
+    completed_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    """When its task finished (or, for a topic no task acts on, when it was dispatched).
+    A dispatched event still not completed after SAF_OUTBOX_REDELIVER_SECONDS is
+    published again, whatever the broker did with the first message."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 

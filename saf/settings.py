@@ -71,6 +71,22 @@ class Settings(BaseSettings):
     dicom_network_timeout: float = Field(default=60.0, gt=0)
     """Seconds without traffic before an association is aborted."""
 
+    dicom_plain: bool = True
+    """Serve unencrypted DICOM on SAF_DICOM_PORT; false with TLS set up means TLS only."""
+
+    dicom_tls_cert: Path | None = None
+    """PEM certificate (chain) of the DICOM TLS port; with SAF_DICOM_TLS_KEY turns TLS on."""
+
+    dicom_tls_key: Path | None = None
+    """PEM private key of SAF_DICOM_TLS_CERT (keep it mode 0600)."""
+
+    dicom_tls_ca: Path | None = None
+    """PEM CA bundle that client certificates must chain to; when set, peers must present
+    one (mutual TLS). Needed for peers pinned to a certificate (`saf clinic add --cert`)."""
+
+    dicom_tls_port: int = Field(default=2762, ge=0, le=65535)
+    """DICOM TLS port (2762 is the registered 'dicom-tls' port; 0: any free port, for tests)."""
+
     stable_age_seconds: float = Field(default=10.0, ge=0)
     """A study is complete when no instance has arrived for this many seconds."""
 
@@ -95,6 +111,29 @@ class Settings(BaseSettings):
     outbox_poll_interval: float = Field(default=1.0, gt=0)
     """How often the outbox dispatcher looks for committed events to publish."""
 
+    outbox_redeliver_seconds: float = Field(default=600.0, gt=0)
+    """Seconds after which an event published but not completed (its worker died, or the
+    broker lost the message) is published again."""
+
+    public_url: str | None = None
+    """External base URL of the HTTP app (e.g. https://hub.example.org); client assertions
+    must name <public_url>/auth/token as `aud`. Unset: the URL the request came to."""
+
+    access_token_user_seconds: int = Field(default=900, ge=1, le=86400)
+    """Lifetime of a person's access token (and of the viewer's session cookie)."""
+
+    access_token_client_seconds: int = Field(default=300, ge=1, le=86400)
+    """Lifetime of an EHR client's access token (it asks again with a new assertion)."""
+
+    refresh_token_seconds: int = Field(default=28800, ge=60, le=604800)
+    """Lifetime of a person's refresh token (8 h: one working shift)."""
+
+    auth_rate_per_minute: float = Field(default=10.0, gt=0)
+    """Sustained login/token attempts per minute allowed from one client address."""
+
+    auth_rate_burst: int = Field(default=20, ge=1)
+    """Attempts one address may make at once before the per-minute rate applies."""
+
     demo: bool = False
     """Demo mode: registers a demo clinic and loads a sample study."""
 
@@ -103,11 +142,35 @@ class Settings(BaseSettings):
     def _check_ae_title(cls, value: str) -> str:
         return check_ae_title(value)
 
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("https://", "http://")) or "?" in value or "#" in value:
+            raise ValueError("SAF_PUBLIC_URL must be a base URL like https://hub.example.org")
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _check_backend(self) -> Settings:
         if self.blob_backend == "s3" and not self.s3_bucket:
             raise ValueError("SAF_BLOB_BACKEND=s3 needs SAF_S3_BUCKET")
         return self
+
+    @model_validator(mode="after")
+    def _check_dicom_tls(self) -> Settings:
+        if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
+            raise ValueError("DICOM TLS needs both SAF_DICOM_TLS_CERT and SAF_DICOM_TLS_KEY")
+        if self.dicom_tls_ca is not None and self.dicom_tls_cert is None:
+            raise ValueError("SAF_DICOM_TLS_CA needs SAF_DICOM_TLS_CERT and SAF_DICOM_TLS_KEY")
+        if not self.dicom_plain and self.dicom_tls_cert is None:
+            raise ValueError("SAF_DICOM_PLAIN=false (TLS only) needs SAF_DICOM_TLS_CERT/KEY")
+        return self
+
+    @property
+    def dicom_tls(self) -> bool:
+        """Whether the DICOM node serves a TLS port."""
+        return self.dicom_tls_cert is not None
 
     @property
     def effective_database_url(self) -> str:
@@ -142,3 +205,8 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         """Private directory for transient received files (deleted after ingest)."""
         return self.data_dir / "spool"
+
+    @property
+    def token_keys_path(self) -> Path:
+        """The hub's token signing keys (private, mode 0600; see saf.tokens)."""
+        return self.data_dir / "token-keys.json"

@@ -25,8 +25,13 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     if app.conf.broker_url.startswith(("redis", "rediss")):
-        # Unacknowledged tasks (their worker died) come back after this many seconds.
+        timeout = settings.broker_visibility_timeout
         app.conf.broker_transport_options = {
-            "visibility_timeout": settings.broker_visibility_timeout
+            # Unacknowledged tasks (their worker died) come back after this many seconds...
+            "visibility_timeout": timeout,
+            # ...found by a running worker's sweep every few seconds (kombu's default
+            # sweep is every 10th 10 s tick, which would add up to 100 s).
+            "unacked_restore_interval": max(1.0, min(10.0, timeout / 3)),
+            "unacked_restore_throttle": 1,
         }
     return app

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from saf.hub import Hub
 from saf.models import OutboxEvent
+from saf.outbox import mark_completed
 from saf.pipeline import handle_event
 from saf.routing import RulesHolder
 
@@ -40,3 +41,4 @@ def handle_outbox_event(event_id: int) -> None:
     if row is None:
         return  # the event is gone: nothing to redo
     handle_event(hub, row.topic, row.payload, rules.current)
+    mark_completed(hub, event_id)

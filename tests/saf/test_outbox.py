@@ -14,7 +14,7 @@ from saf.db import transaction
 from saf.hub import Hub
 from saf.ingest import ingest_part10
 from saf.models import OutboxEvent, utcnow
-from saf.outbox import Dispatcher, dispatch_pending
+from saf.outbox import MAX_ATTEMPTS, Dispatcher, dispatch_pending, mark_completed
 from saf.settings import Settings
 from saf.stability import mark_stable_studies
 from tests.factories import make_clinic, make_study
@@ -82,3 +82,36 @@ def test_concurrent_dispatchers_publish_each_event_once_on_postgresql(
         assert _pending(hub) == []
     finally:
         hub.close()
+
+
+def test_published_event_not_completed_is_published_again(hub: Hub, tmp_path: Path) -> None:
+    """A task lost after publishing (worker killed, broker dropped it) is not lost for good."""
+    sender = make_clinic(hub)
+    for path in make_study(tmp_path, count=1):
+        ingest_part10(hub, path, sender)
+    mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+    hub.settings.outbox_redeliver_seconds = 0.3
+    published: list[int] = []
+    assert dispatch_pending(hub, published.append) == 1
+    assert dispatch_pending(hub, published.append) == 0  # not due yet
+    time.sleep(0.4)
+    assert dispatch_pending(hub, published.append) == 1  # lost? publish again
+    mark_completed(hub, published[-1])
+    time.sleep(0.4)
+    assert dispatch_pending(hub, published.append) == 0  # completed: never again
+    assert published == [published[0]] * 2
+
+
+def test_an_event_that_never_completes_is_given_up_after_max_attempts(
+    hub: Hub, tmp_path: Path
+) -> None:
+    sender = make_clinic(hub)
+    for path in make_study(tmp_path, count=1):
+        ingest_part10(hub, path, sender)
+    mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+    hub.settings.outbox_redeliver_seconds = 0.01
+    published: list[int] = []
+    for _ in range(MAX_ATTEMPTS + 3):
+        dispatch_pending(hub, published.append)
+        time.sleep(0.02)
+    assert len(published) == MAX_ATTEMPTS

@@ -81,10 +81,10 @@ class Worker:
         proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
 
-    def kill(self) -> None:
-        """SIGKILL, as the OOM killer or a power cut would."""
-        self.procs[-1].kill()
-        self.procs[-1].wait()
+    def kill(self, index: int = -1) -> None:
+        """SIGKILL one worker (the newest by default), as the OOM killer would."""
+        self.procs[index].kill()
+        self.procs[index].wait()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -26,12 +26,12 @@ from tests.workers.conftest import RedisServer, Worker, worker_env
 pytestmark = pytest.mark.slow
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 90.0) -> None:
+def _wait_for(condition: Callable[[], bool], timeout: float = 90.0, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.2)
+        time.sleep(poll)
     raise AssertionError("timed out")
 
 
@@ -51,7 +51,7 @@ def _settled(hub: Hub, thumbnails: int) -> Callable[[], bool]:
         return (
             _count(hub, Thumbnail.id) == thumbnails
             and _count(hub, Case.id) == 1
-            and _count(hub, OutboxEvent.id, OutboxEvent.dispatched_at.is_(None)) == 0
+            and _count(hub, OutboxEvent.id, OutboxEvent.completed_at.is_(None)) == 0
         )
 
     return done
@@ -88,32 +88,52 @@ def test_broker_down_while_a_study_completes(redis_server: RedisServer, tmp_path
     hub.close()
 
 
+@pytest.mark.parametrize("broker", ["redis-restarted", "redis-running", "embedded"])
 def test_worker_killed_mid_task_then_study_resent(
-    redis_server: RedisServer, tmp_path: Path
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """The task of a SIGKILLed worker is done again, and done once.
+
+    - redis-restarted: the worker comes back after the visibility timeout and takes it;
+    - redis-running: a second worker, already running, restores it from Redis by itself;
+    - embedded: the SQLite broker forgets a fetched message, so the outbox publishes
+      the uncompleted event again after SAF_OUTBOX_REDELIVER_SECONDS.
+    """
     hub = Hub.open(Settings(data_dir=tmp_path / "data"), create=True)
-    env = worker_env(hub.settings.data_dir, SAF_BROKER_URL=redis_server.url,
-                     SAF_BROKER_VISIBILITY_TIMEOUT="3")  # fmt: skip
+    if broker == "embedded":
+        env = worker_env(hub.settings.data_dir, SAF_OUTBOX_REDELIVER_SECONDS="3")
+    else:
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        env = worker_env(hub.settings.data_dir, SAF_BROKER_URL=redis_server.url,
+                         SAF_BROKER_VISIBILITY_TIMEOUT="3")  # fmt: skip
     worker = Worker(env, tmp_path / "worker.log")
+    standby = Worker(env, tmp_path / "standby.log")  # redis-running only
     sender = make_clinic(hub)
-    paths = make_study(tmp_path / "in", count=120, size=512)
+    paths = make_study(tmp_path / "in", count=240, size=512)
     try:
         worker.start()
         _wait_for(lambda: "ready" in worker.log())
+        if broker == "redis-running":
+            standby.start()
+            _wait_for(lambda: "ready" in standby.log())
         _ingest_and_complete(hub, sender, paths)
-        _wait_for(lambda: _count(hub, Thumbnail.id) > 5)  # the task is under way
-        worker.kill()
+        _wait_for(lambda: _count(hub, Thumbnail.id) > 0, poll=0.01)  # a batch is committed
+        busy, idle = (worker, standby) if "received" in worker.log() else (standby, worker)
+        busy.kill()
         partial = _count(hub, Thumbnail.id)
-
-        time.sleep(4)  # past the 3 s visibility timeout: the task is up for redelivery
-        worker.start()  # a restarted worker (systemd) takes the unacknowledged task
-        _wait_for(_settled(hub, thumbnails=121))
-        assert partial < 121, "the kill came too late to test anything; make the study bigger"
+        assert partial < 241, "the kill came too late to test anything; make the study bigger"
+        if broker == "redis-running":
+            assert "received" not in idle.log()
+        else:
+            time.sleep(1)
+            worker.start()  # restarted by systemd, say
+        _wait_for(_settled(hub, thumbnails=241))
 
         _ingest_and_complete(hub, sender, paths)  # resent: duplicates, nothing new
         time.sleep(2)
-        _wait_for(_settled(hub, thumbnails=121))
+        _wait_for(_settled(hub, thumbnails=241))
     finally:
         worker.stop_all()
-    _assert_one_case_intact(hub, thumbnails=121)
+        standby.stop_all()
+    _assert_one_case_intact(hub, thumbnails=241)
     hub.close()
