@@ -12,6 +12,11 @@ The same generated CT study (200 x 512x512 by default) is given to both:
 
 Each saf repetition uses a fresh data dir; Orthanc is started once.
 
+Then the whole pipeline, as a clinic sees it: ``saf up`` (DICOM node, stable-study
+timer, Celery worker on the embedded broker) receives the study from ``storescu``, and
+the time from the last C-STORE response to "case on the worklist with every thumbnail"
+is printed, with the stable age (the wait that decides the study is complete) taken out.
+
 Run from the repository root::
 
     python -m bench.thumbnails [--count 200] [--repeat 3] [--json OUT]
@@ -38,11 +43,13 @@ from bench.ingest import (
     HOST,
     BenchError,
     OrthancReceiver,
+    SafReceiver,
     Study,
     Tools,
     Workload,
     console,
     cpu_model,
+    free_port,
     generate,
     mounted_filesystem,
     run_benchmark,
@@ -188,6 +195,66 @@ def run_orthanc(tools: Tools, study: Study, repeat: int, scratch: Path) -> tuple
 # --------------------------------------------------------------------------- report
 
 
+# --------------------------------------------------------------------------- pipeline
+
+PIPELINE_STABLE_AGE_S = 1.0
+"""Stable age for the pipeline run: a study is complete after this long without instances."""
+
+
+class SafUpReceiver(SafReceiver):
+    """``saf up``: DICOM node, stable-study timer and a Celery worker on the embedded broker."""
+
+    name = "saf-up"
+
+    def command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path]:
+        _argv, env, cwd = super().command(workdir)
+        argv = self.cli("--dicom-port", str(self.port), "--http-port", str(free_port()), "up")
+        env = {
+            **env,
+            "SAF_STABLE_AGE_SECONDS": str(PIPELINE_STABLE_AGE_S),
+            "SAF_STABLE_CHECK_INTERVAL": "0.1",
+            "SAF_OUTBOX_POLL_INTERVAL": "0.1",
+        }
+        return argv, env, cwd
+
+    def ready(self) -> bool:
+        return self.log_contains("http app listening") and self.log_contains(" ready")
+
+
+def pipeline_latency(tools: Tools, study: Study, workdir: Path) -> float:
+    """Seconds from the last C-STORE response to the routed case with all its thumbnails,
+    stable age excluded."""
+    from sqlalchemy import func, select
+
+    from saf.cases import worklist
+    from saf.hub import Hub
+    from saf.models import Thumbnail
+    from saf.settings import Settings
+
+    receiver = SafUpReceiver(tools)
+    receiver.start(workdir)
+    try:
+        send_study(tools, study, receiver.called_aet, receiver.port)
+        sent = time.perf_counter()
+        hub = Hub.open(Settings(data_dir=receiver.data_dir))
+        try:
+            expected = study.count + 1  # one per instance + the series thumbnail
+            deadline = sent + 120
+            while time.perf_counter() < deadline:
+                with hub.sessions() as session:
+                    thumbnails = session.scalar(select(func.count(Thumbnail.id)))
+                if thumbnails == expected and worklist(hub, "general"):
+                    return time.perf_counter() - sent - PIPELINE_STABLE_AGE_S
+                time.sleep(0.01)
+        finally:
+            hub.close()
+        assert receiver.process is not None
+        raise BenchError(f"no routed case with thumbnails after 120 s:\n{receiver.process.log()}")
+    finally:
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def print_table(timings: Sequence[Timing]) -> dict[str, float]:
     table = Table()
     for column in ("receiver", "what", "runs", "median s", "min s", "inst/s", "ms/inst"):
@@ -241,11 +308,20 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         timings += orthanc
     console.print(f"\n{study.count} instances, median/min of {args.repeat} runs")
     ratios = print_table(timings)
+    latencies = [
+        pipeline_latency(tools, study, scratch / f"saf-up-{rep}") for rep in range(args.repeat)
+    ]
+    latency = statistics.median(latencies)
+    console.print(
+        f"  saf up: last C-STORE -> case on worklist with all thumbnails: {latency:.2f} s "
+        f"(median of {len(latencies)}, stable age of {PIPELINE_STABLE_AGE_S:.0f} s excluded)"
+    )
     return {
         "machine": machine,
         "instances": study.count,
         "results": {t.name: t.summary() for t in timings},
         "ratios": ratios,
+        "pipeline_latency_s": latencies,
     }
 
 
