@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from saf.db import transaction
 from saf.hub import Hub
-from saf.models import Case, CaseEvent, CaseStudy, Clinic, Series, Study, utcnow
+from saf.models import (
+    Case,
+    CaseEvent,
+    CaseReferral,
+    CaseStudy,
+    Clinic,
+    Patient,
+    Series,
+    Study,
+    utcnow,
+)
 from saf.routing import CaseFacts, RuleSet
 
 Priority = Literal["stat", "urgent", "routine"]
@@ -122,18 +133,55 @@ def due_at(hub: Hub, priority: Priority, start: datetime) -> datetime:
 def on_study_stable(hub: Hub, study_id: str, rules: RuleSet) -> str:
     """Make or join the case of a complete study and route it; idempotent; returns the case id.
 
-    A study joins an open case of the same clinic and patient with the same accession
-    number;
-    otherwise it makes a new routine case (a referral, when one arrives, sets priority
-    and specialty). Running it again for the same study changes nothing.
+    A study joins an open case of the same clinic and patient that shares its accession
+    number, or whose referral names its Study Instance UID; otherwise it makes a new
+    routine case. Joining a case nobody has claimed yet routes it again with what is
+    now known (modalities, the referral's specialty and priority). Running it again
+    for the same study changes nothing.
     """
+    return _retrying(hub, lambda session: _case_for_study(hub, session, study_id, rules), study_id)
+
+
+@dataclass(frozen=True)
+class Referral:
+    """What a referral (FHIR ServiceRequest) tells about its case."""
+
+    clinic_id: str
+    patient_id: str
+    """The clinic's patient identifier (DICOM Patient ID)."""
+    service_request_id: str
+    """Its business identifier ("system|value"), unique within the clinic."""
+    accession_number: str | None = None
+    study_instance_uid: str | None = None
+    requested_specialty: str | None = None
+    priority: Priority = "routine"
+
+
+def on_referral(hub: Hub, referral: Referral, rules: RuleSet) -> str:
+    """Make or join the case of a referral and route it; idempotent; returns the case id.
+
+    A referral joins an open case of the same clinic and patient with its accession
+    number or holding its study (whichever came first, the study or the referral);
+    its priority and requested specialty then apply (routing again while unclaimed).
+    The same referral twice changes nothing.
+    """
+    if referral.priority not in PRIORITY_ORDER:
+        raise CaseError(f"priority must be one of {', '.join(PRIORITY_ORDER)}")
+    return _retrying(
+        hub,
+        lambda session: _case_for_referral(hub, session, referral, rules),
+        referral.service_request_id,
+    )
+
+
+def _retrying(hub: Hub, link: Callable[[Session], str], what: str) -> str:
     for _attempt in range(3):
         try:
             with transaction(hub.sessions) as session:
-                return _case_for_study(hub, session, study_id, rules)
+                return link(session)
         except IntegrityError:
-            continue  # a concurrent run linked the study first: the next pass finds it
-    raise CaseError(f"study {study_id}: could not link it to a case")
+            continue  # a concurrent run linked it first: the next pass finds it
+    raise CaseError(f"{what}: could not link it to a case")
 
 
 def _case_for_study(hub: Hub, session: Session, study_id: str, rules: RuleSet) -> str:
@@ -143,56 +191,175 @@ def _case_for_study(hub: Hub, session: Session, study_id: str, rules: RuleSet) -
     study = session.get(Study, study_id)
     if study is None:
         raise CaseError(f"no study {study_id}")
-    existing = None
+    matches = [CaseReferral.study_instance_uid == study.study_instance_uid]
     if study.accession_number:
-        existing = session.scalar(
-            select(Case).where(
-                Case.clinic_id == study.clinic_id,
-                Case.patient_pk == study.patient_pk,
-                Case.accession_number == study.accession_number,
-                Case.status.in_(list(OPEN)),
-            )
+        matches += [
+            Case.accession_number == study.accession_number,
+            CaseReferral.accession_number == study.accession_number,
+        ]
+    existing = session.scalar(
+        select(Case)
+        .outerjoin(CaseReferral, CaseReferral.case_id == Case.id)
+        .where(
+            Case.clinic_id == study.clinic_id,
+            Case.patient_pk == study.patient_pk,
+            Case.status.in_(list(OPEN)),
+            or_(*matches),
         )
+        .order_by(Case.created_at)
+        .limit(1)
+    )
     if existing is not None:
         session.add(CaseStudy(study_pk=study_id, case_id=existing.id))
+        session.flush()
         _record(session, existing.id, "saf", existing.status, existing.status, "study added")
+        _reroute(hub, session, existing, rules)
         return existing.id
-    facts = _facts(session, study, priority="routine", requested_specialty=None)
-    rule = rules.route(facts)
+    new = _new_case(
+        hub, session, study.clinic_id, study.patient_pk, study.accession_number, "routine"
+    )
+    session.add(CaseStudy(study_pk=study_id, case_id=new.id))
+    session.flush()
+    _route_new(session, new, rules)
+    return new.id
+
+
+def _case_for_referral(hub: Hub, session: Session, referral: Referral, rules: RuleSet) -> str:
+    linked = session.scalar(
+        select(CaseReferral.case_id).where(
+            CaseReferral.clinic_id == referral.clinic_id,
+            CaseReferral.service_request_id == referral.service_request_id,
+        )
+    )
+    if linked is not None:
+        return linked
+    patient_pk = _patient_pk(session, referral.clinic_id, referral.patient_id)
+    matches = []
+    if referral.accession_number:
+        matches.append(Case.accession_number == referral.accession_number)
+    if referral.study_instance_uid:
+        matches.append(Study.study_instance_uid == referral.study_instance_uid)
+    existing = None
+    if matches:
+        existing = session.scalar(
+            select(Case)
+            .outerjoin(CaseStudy, CaseStudy.case_id == Case.id)
+            .outerjoin(Study, Study.id == CaseStudy.study_pk)
+            .where(
+                Case.clinic_id == referral.clinic_id,
+                Case.patient_pk == patient_pk,
+                Case.status.in_(list(OPEN)),
+                or_(*matches),
+            )
+            .order_by(Case.created_at)
+            .limit(1)
+        )
+    target = existing or _new_case(
+        hub, session, referral.clinic_id, patient_pk, referral.accession_number, referral.priority
+    )
+    session.add(
+        CaseReferral(
+            case_id=target.id,
+            clinic_id=referral.clinic_id,
+            service_request_id=referral.service_request_id,
+            accession_number=referral.accession_number,
+            study_instance_uid=referral.study_instance_uid,
+            requested_specialty=referral.requested_specialty,
+            priority=referral.priority,
+        )
+    )
+    session.flush()
+    if existing is None:
+        _route_new(session, target, rules)
+        return target.id
+    _record(session, target.id, "saf", target.status, target.status, "referral added")
+    if target.priority != referral.priority:
+        target.priority = referral.priority
+        target.due_at = due_at(hub, referral.priority, target.created_at)
+        target.updated_at = utcnow()
+    _reroute(hub, session, target, rules)
+    return target.id
+
+
+def _new_case(
+    hub: Hub,
+    session: Session,
+    clinic_id: str,
+    patient_pk: str,
+    accession_number: str | None,
+    priority: Priority,
+) -> Case:
     now = utcnow()
     new = Case(
-        clinic_id=study.clinic_id,
-        patient_pk=study.patient_pk,
+        clinic_id=clinic_id,
+        patient_pk=patient_pk,
         status=TaskStatus.REQUESTED,
-        priority="routine",
-        due_at=due_at(hub, "routine", now),
-        specialty=rule.worklist,
-        routed_by=rule.name,
-        accession_number=study.accession_number,
+        priority=priority,
+        due_at=due_at(hub, priority, now),
+        specialty="",
+        routed_by="",
+        accession_number=accession_number,
         created_at=now,
         updated_at=now,
     )
     session.add(new)
     session.flush()
-    session.add(CaseStudy(study_pk=study_id, case_id=new.id))
+    return new
+
+
+def _route_new(session: Session, new: Case, rules: RuleSet) -> None:
+    rule = rules.route(_case_facts(session, new))
+    new.specialty, new.routed_by = rule.worklist, rule.name
     _record(session, new.id, "saf", None, TaskStatus.REQUESTED, f"routed by rule {rule.name}")
     session.flush()
-    return new.id
 
 
-def _facts(
-    session: Session, study: Study, *, priority: Priority, requested_specialty: str | None
-) -> CaseFacts:
+def _reroute(hub: Hub, session: Session, target: Case, rules: RuleSet) -> None:
+    """Route a case again with what it now holds, unless a specialist has it already."""
+    if target.status not in CLAIMABLE or target.assigned_to is not None:
+        return
+    rule = rules.route(_case_facts(session, target))
+    if (rule.worklist, rule.name) != (target.specialty, target.routed_by):
+        target.specialty, target.routed_by = rule.worklist, rule.name
+        target.updated_at = utcnow()
+        note = f"routed again by rule {rule.name}"
+        _record(session, target.id, "saf", target.status, target.status, note)
+    session.flush()
+
+
+def _patient_pk(session: Session, clinic_id: str, patient_id: str) -> str:
+    """The clinic's patient, created (with no demographics yet) when first referred."""
+    found = session.scalar(
+        select(Patient.id).where(Patient.clinic_id == clinic_id, Patient.patient_id == patient_id)
+    )
+    if found is not None:
+        return found
+    patient = Patient(clinic_id=clinic_id, patient_id=patient_id)
+    session.add(patient)
+    session.flush()
+    return patient.id
+
+
+def _case_facts(session: Session, target: Case) -> CaseFacts:
+    """Routing facts of a case: its studies' modalities and body parts, its clinic, and
+    the requested specialty of its newest referral."""
+    study_ids = select(CaseStudy.study_pk).where(CaseStudy.case_id == target.id)
     rows = session.execute(
-        select(Series.modality, Series.body_part_examined).where(Series.study_pk == study.id)
+        select(Series.modality, Series.body_part_examined).where(Series.study_pk.in_(study_ids))
     ).all()
-    clinic = session.get_one(Clinic, study.clinic_id)
+    requested = session.scalar(
+        select(CaseReferral.requested_specialty)
+        .where(CaseReferral.case_id == target.id, CaseReferral.requested_specialty.is_not(None))
+        .order_by(CaseReferral.created_at.desc())
+        .limit(1)
+    )
+    clinic = session.get_one(Clinic, target.clinic_id)
     return CaseFacts(
         modalities=frozenset(m for m, _ in rows if m),
         body_parts=frozenset(b for _, b in rows if b),
         clinic=clinic.name,
-        requested_specialty=requested_specialty,
-        priority=priority,
+        requested_specialty=requested,
+        priority=cast(Priority, target.priority),
     )
 
 

@@ -277,6 +277,30 @@ class CaseStudy(Base):
     case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
 
 
+class CaseReferral(Base):
+    """A referral (FHIR ServiceRequest) linked to a case: what joins it to its studies."""
+
+    __tablename__ = "consult_referral"
+    __table_args__ = (
+        UniqueConstraint(
+            "clinic_id",
+            "service_request_id",
+            name="uq_consult_referral_clinic_id_service_request_id",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"))
+    service_request_id: Mapped[str] = mapped_column(String(255))
+    """The ServiceRequest's business identifier ("system|value"), unique per clinic."""
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    requested_specialty: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class CaseEvent(Base):
     """The history of a case: every status change, routing and claim, append-only."""
 
