@@ -17,6 +17,7 @@ from saf.models import OutboxEvent, utcnow
 from saf.outbox import MAX_ATTEMPTS, Dispatcher, dispatch_pending, mark_completed
 from saf.settings import Settings
 from saf.stability import mark_stable_studies
+from saf.stats import collect
 from tests.factories import make_clinic, make_study
 
 
@@ -111,7 +112,11 @@ def test_an_event_that_never_completes_is_given_up_after_max_attempts(
     mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
     hub.settings.outbox_redeliver_seconds = 0.01
     published: list[int] = []
-    for _ in range(MAX_ATTEMPTS + 3):
+    for attempt in range(MAX_ATTEMPTS + 3):
         dispatch_pending(hub, published.append)
+        if attempt == 0:
+            assert collect(hub)["outbox_in_flight"] == 1
         time.sleep(0.02)
     assert len(published) == MAX_ATTEMPTS
+    counts = collect(hub)  # `saf stats` shows it for an operator
+    assert (counts["outbox_failed"], counts["outbox_in_flight"]) == (1, 0)
