@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +73,16 @@ def send(
     called_aet: str,
     on_done: Callable[[SendItem, int | None], None] | None = None,
     report: SendReport | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
-    """C-STORE every item, as many associations as the contexts need; never raises per file."""
+    """C-STORE every item, as many associations as the contexts need; never raises per file.
+
+    With `tls` (see dicom_node.tls.client_context) the associations run over DICOM TLS,
+    and the node's certificate must be valid for `host`.
+    """
     report = report or SendReport()
     for batch in _batches(items):
-        _send_batch(batch, host, port, calling_aet, called_aet, on_done, report)
+        _send_batch(batch, host, port, calling_aet, called_aet, on_done, report, tls)
     return report
 
 
@@ -103,6 +109,7 @@ def _send_batch(
     called_aet: str,
     on_done: Callable[[SendItem, int | None], None] | None,
     report: SendReport,
+    tls: ssl.SSLContext | None,
 ) -> None:
     ae = AE(ae_title=calling_aet)
     ae.maximum_pdu_size = 0
@@ -110,15 +117,24 @@ def _send_batch(
         # One context per (class, syntax) so each file goes exactly as stored.
         ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(
-        host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_no_delay)]
+        host,
+        port,
+        ae_title=called_aet,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_no_delay)],
+        tls_args=(tls, host) if tls else None,
     )
     if not assoc.is_established:
-        reason = (
-            f"association rejected by {called_aet}@{host}:{port} "
-            f"(is calling AE title {calling_aet} registered there?)"
-            if assoc.is_rejected
-            else f"no association with {host}:{port} (refused, unreachable or aborted)"
-        )
+        if assoc.is_rejected:
+            reason = (
+                f"association rejected by {called_aet}@{host}:{port} "
+                f"(is calling AE title {calling_aet} registered there"
+                f"{', with this client certificate' if tls else ''}?)"
+            )
+        else:
+            reason = (
+                f"no association with {host}:{port} (refused, unreachable or aborted"
+                f"{'; or the TLS handshake failed: check --ca, --cert and --key' if tls else ''})"
+            )
         for item in batch:
             report.failed.append((item.path, reason))
             if on_done:

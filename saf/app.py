@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Response
 from sqlalchemy import text
 
+from saf import api_http, auth_http
+from saf.deps import AuthError, auth_error_handler
 from saf.hub import Hub
+
+PUBLIC_PATHS: Final = frozenset(
+    {
+        "/healthz",
+        auth_http.TOKEN_PATH,
+        auth_http.SESSION_PATH,
+        auth_http.JWKS_PATH,
+        auth_http.SMART_CONFIGURATION_PATH,
+    }
+)
+"""Route paths reachable without a token; every other route must depend on CurrentPrincipal
+(tests/saf/test_routes_protected.py walks the routes and fails on any that does not)."""
 
 
 def create_app(hub: Hub) -> FastAPI:
     """The HTTP app for `hub` (the composition root mounts service routers on it)."""
-    app = FastAPI(title="saf", version="0.1.0", docs_url=None, redoc_url=None)
+    # No anonymous API map either (openapi_url=None): every route but PUBLIC_PATHS needs a token.
+    app = FastAPI(title="saf", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.hub = hub
+    app.add_middleware(auth_http.SecurityHeadersMiddleware)
+    app.add_exception_handler(AuthError, auth_error_handler)
+    app.include_router(auth_http.router)
+    app.include_router(api_http.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz(response: Response) -> dict[str, Any]:

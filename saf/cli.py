@@ -37,9 +37,15 @@ app = typer.Typer(
 keys_app = typer.Typer(help="Key-encryption keys: list and rotate.", no_args_is_help=True)
 clinic_app = typer.Typer(help="Clinics and their DICOM AE titles.", no_args_is_help=True)
 rules_app = typer.Typer(help="Routing rules: which worklist a case goes to.", no_args_is_help=True)
+user_app = typer.Typer(help="People who log in, and their roles.", no_args_is_help=True)
+client_app = typer.Typer(help="EHR systems (SMART Backend Services clients).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(clinic_app, name="clinic")
 app.add_typer(rules_app, name="rules")
+app.add_typer(user_app, name="user")
+app.add_typer(client_app, name="client")
+audit_app = typer.Typer(help="The audit trail: who touched what, when.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -103,6 +109,24 @@ def init(ctx: typer.Context) -> None:
     out.print(f"key ring   {hub.keyring.path} (active key {hub.keyring.active_key_id})")
     out.print(f"database   {hub.engine.url.render_as_string(hide_password=True)}")
     out.print(f"blobs      {hub.blobs.describe()}")
+    from saf.tokens import signing_keys
+
+    token_key = signing_keys(hub).active
+    out.print(f"token key  {hub.settings.token_keys_path} (kid {token_key.kid})")
+
+
+SSLCertOption = Annotated[
+    Path | None, typer.Option(help="Serve HTTPS with this certificate chain (PEM).")
+]
+SSLKeyOption = Annotated[Path | None, typer.Option(help="Private key of --ssl-certfile (PEM).")]
+
+
+def _check_ssl_files(certfile: Path | None, keyfile: Path | None) -> None:
+    if (certfile is None) != (keyfile is None):
+        fail("--ssl-certfile and --ssl-keyfile go together: give both, or neither")
+    for path in (certfile, keyfile):
+        if path is not None and not path.is_file():
+            fail(f"no such file: {path}")
 
 
 @app.command()
@@ -111,8 +135,11 @@ def up(
     demo: Annotated[
         bool, typer.Option(help="Register a demo clinic (AE DEMO) and load a sample study.")
     ] = False,
+    ssl_certfile: SSLCertOption = None,
+    ssl_keyfile: SSLKeyOption = None,
 ) -> None:
     """Run every component on embedded defaults: DICOM node, worker and HTTP app."""
+    _check_ssl_files(ssl_certfile, ssl_keyfile)
     hub = open_hub(ctx, create=True, demo=demo)
     if demo:
         from saf.demo import load_demo
@@ -121,7 +148,7 @@ def up(
     node, timer = _start_dicom(hub)
     worker_proc = _start_worker(hub)
     try:
-        _serve_http(hub)
+        _serve_http(hub, ssl_certfile, ssl_keyfile)
     finally:
         worker_proc.terminate()
         timer.stop()
@@ -180,9 +207,12 @@ def _broker_label(url: str) -> str:
 
 
 @app.command()
-def api(ctx: typer.Context) -> None:
+def api(
+    ctx: typer.Context, ssl_certfile: SSLCertOption = None, ssl_keyfile: SSLKeyOption = None
+) -> None:
     """Run the HTTP app alone."""
-    _serve_http(open_hub(ctx))
+    _check_ssl_files(ssl_certfile, ssl_keyfile)
+    _serve_http(open_hub(ctx), ssl_certfile, ssl_keyfile)
 
 
 def _start_worker(hub: Hub) -> subprocess.Popen[bytes]:
@@ -193,32 +223,52 @@ def _start_worker(hub: Hub) -> subprocess.Popen[bytes]:
 
 def _start_dicom(hub: Hub) -> tuple[Any, Any]:
     from dicom_node.scp import DicomNode
+    from dicom_node.tls import TLSConfigError
     from saf.stability import StableStudyTimer
 
+    settings = hub.settings
     node = DicomNode(hub)
     try:
         node.start()
+    except TLSConfigError as exc:
+        fail(str(exc))
     except OSError as exc:
-        fail(f"cannot listen on DICOM port {hub.settings.dicom_port}: {exc.strerror or exc}")
+        ports = f"{settings.dicom_port if settings.dicom_plain else ''}" + (
+            f" / TLS {settings.dicom_tls_port}" if settings.dicom_tls else ""
+        )
+        fail(f"cannot listen on DICOM port {ports.strip(' /')}: {exc.strerror or exc}")
     timer = StableStudyTimer(hub)
     timer.start()
-    host, port = node.address
-    out.print(f"DICOM node {hub.settings.ae_title} listening on {host}:{port}", highlight=False)
+    if settings.dicom_plain:
+        host, port = node.address
+        out.print(f"DICOM node {settings.ae_title} listening on {host}:{port}", highlight=False)
+    if settings.dicom_tls:
+        host, port = node.tls_address
+        mutual = "mutual TLS" if settings.dicom_tls_ca else "TLS"
+        out.print(f"DICOM node {settings.ae_title} ({mutual}) on {host}:{port}", highlight=False)
     return node, timer
 
 
-def _serve_http(hub: Hub) -> None:
+def _serve_http(
+    hub: Hub, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None
+) -> None:
     import uvicorn
 
     from saf.app import create_app
 
     settings = hub.settings
+    scheme = "https" if ssl_certfile else "http"
     out.print(
-        f"HTTP app listening on http://{settings.http_host}:{settings.http_port} (/healthz)",
+        f"HTTP app listening on {scheme}://{settings.http_host}:{settings.http_port} (/healthz)",
         highlight=False,
     )
     uvicorn.run(
-        create_app(hub), host=settings.http_host, port=settings.http_port, log_level="warning"
+        create_app(hub),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
 
 
@@ -228,16 +278,33 @@ def send(
     to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT.")],
     aet: Annotated[str, typer.Option(help="Our (calling) AE title.")] = "SAFSCU",
     called_aet: Annotated[str, typer.Option(help="Destination (called) AE title.")] = "SAF",
+    tls: Annotated[bool, typer.Option("--tls", help="Use DICOM TLS (TLS 1.2+).")] = False,
+    ca: Annotated[
+        Path | None, typer.Option(help="CA bundle (PEM) to verify the destination [--tls].")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option(help="Our client certificate (PEM), for mutual TLS [--tls].")
+    ] = None,
+    key: Annotated[Path | None, typer.Option(help="Private key (PEM) of --cert.")] = None,
 ) -> None:
     """Send files with C-STORE as they are stored (no re-encoding), with progress and a summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from dicom_node.scu import SendItem, SendReport, scan
     from dicom_node.scu import send as c_store
+    from dicom_node.tls import TLSConfigError, client_context
 
     host, _, port_text = to.rpartition(":")
     if not host or not port_text.isdigit():
         fail(f"--to must be HOST:PORT, got {to!r}")
+    if not tls and (ca or cert or key):
+        fail("--ca, --cert and --key are TLS options: add --tls")
+    if (cert is None) != (key is None):
+        fail("--cert and --key go together")
+    try:
+        context = client_context(ca, cert, key) if tls else None
+    except TLSConfigError as exc:
+        fail(str(exc))
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         fail(f"no such file or folder: {', '.join(missing)}")
@@ -265,6 +332,7 @@ def send(
             called_aet=called_aet,
             on_done=advance,
             report=report,
+            tls=context,
         )
     table = Table(title="saf send")
     for column in ("sent", "failed", "skipped (not DICOM)"):
@@ -376,26 +444,177 @@ def clinic_add(
     name: Annotated[str, typer.Argument(help="Clinic name.")],
     aet: Annotated[str | None, typer.Option(help="Calling AE title of its modality/PACS.")] = None,
     host: Annotated[str, typer.Option(help="Only accept this AE title from this host.")] = "",
+    allow: Annotated[
+        str | None,
+        typer.Option(help="DICOM services the AE may use: store,find,move,get [new: store]."),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(help="The AE's TLS client certificate (PEM): it must then use mutual TLS."),
+    ] = None,
+    no_cert: Annotated[
+        bool, typer.Option("--no-cert", help="Remove the AE's certificate requirement.")
+    ] = False,
 ) -> None:
-    """Register a clinic, and a calling AE title that sends for it."""
-    from saf.clinics import ClinicError, add_clinic
+    """Register a clinic and a calling AE title for it; again for an AE title: update it."""
+    from saf.clinics import ClinicError, add_clinic, cert_sha256_of_pem
 
+    if cert and no_cert:
+        fail("give --cert or --no-cert, not both")
+    pin = "" if no_cert else None
+    if cert:
+        try:
+            pin = cert_sha256_of_pem(cert.read_text())
+        except (OSError, UnicodeDecodeError, ClinicError) as exc:
+            fail(f"--cert {cert}: {exc}")
     try:
-        info = add_clinic(open_hub(ctx), name, aet, host)
+        info = add_clinic(
+            open_hub(ctx),
+            name,
+            aet,
+            host,
+            permissions=allow.split(",") if allow is not None else None,
+            cert_sha256=pin,
+        )
     except ClinicError as exc:
         fail(str(exc))
-    peers = ", ".join(f"{a}@{h or 'any host'}" for a, h in info.peers) or "no AE titles"
-    out.print(f"clinic {info.name} ({info.id}): {peers}", highlight=False)
+    peers = ", ".join(p.describe() for p in info.peers) or "no AE titles"
+    out.print(f"clinic {info.name} ({info.id}): {peers}", highlight=False, markup=False)
 
 
 @clinic_app.command("list")
 def clinic_list(ctx: typer.Context) -> None:
     """Clinics and their AE titles."""
+    from rich.text import Text
+
     from saf.clinics import list_clinics
 
-    table = Table("name", "id", "AE titles")
+    table = Table("name", "id", "AE titles \\[DICOM services] (TLS certificate)")
     for info in list_clinics(open_hub(ctx)):
-        table.add_row(info.name, info.id, ", ".join(f"{a}@{h or '*'}" for a, h in info.peers))
+        peers = Text("\n".join(p.describe() for p in info.peers))  # Text: "[store]" is no markup
+        table.add_row(Text(info.name), info.id, peers)
+    out.print(table)
+
+
+def _read_password(from_stdin: bool) -> str:
+    """A new password: first line of stdin when piped (or --password-stdin), else a hidden
+    prompt asked twice. Never an argument: it would show in `ps` and shell history."""
+    if from_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@user_app.command("add")
+def user_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Username.")],
+    role: Annotated[str, typer.Option(help="clinician, specialist or admin.")],
+    clinic: Annotated[str | None, typer.Option(help="Clinic name (clinicians).")] = None,
+    specialty: Annotated[
+        list[str] | None,
+        typer.Option(help="Worklist a specialist serves (repeat for several)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from the first line of stdin.")
+    ] = False,
+) -> None:
+    """Create a login: a clinician of one clinic, a specialist, or an admin."""
+    from saf.users import UserError, add_user
+
+    hub = open_hub(ctx)
+    password = _read_password(password_stdin)
+    try:
+        info = add_user(hub, name, password, role, clinic=clinic, specialties=specialty or ())
+    except UserError as exc:
+        fail(str(exc))
+    where = info.clinic or ", ".join(info.specialties) or "no PHI"
+    out.print(f"user {info.username} ({info.role}: {where}) id {info.id}", highlight=False)
+
+
+@user_app.command("disable")
+def user_disable(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Username.")]
+) -> None:
+    """Disable a login: its tokens and sessions stop working at the next request."""
+    from saf.users import UserError, disable_user
+
+    try:
+        info = disable_user(open_hub(ctx), name)
+    except UserError as exc:
+        fail(str(exc))
+    out.print(f"user {info.username} disabled", highlight=False)
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context) -> None:
+    """Logins, their roles, clinics and specialties."""
+    from saf.users import list_users
+
+    table = Table("username", "role", "clinic", "specialties", "disabled (UTC)", "id")
+    for info in list_users(open_hub(ctx)):
+        disabled = info.disabled_at.strftime("%Y-%m-%d %H:%M") if info.disabled_at else ""
+        table.add_row(info.username, info.role, info.clinic or "",
+                      ", ".join(info.specialties), disabled, info.id)  # fmt: skip
+    out.print(table)
+
+
+@client_app.command("add")
+def client_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A name for the EHR system.")],
+    clinic: Annotated[str, typer.Option(help="The clinic it belongs to (name).")],
+    jwks: Annotated[Path, typer.Option(help="Its public keys: a JWK Set file (RS384/ES384).")],
+    scope: Annotated[
+        list[str], typer.Option(help="SMART scope it may be granted, e.g. system/*.rs (repeat).")
+    ],
+) -> None:
+    """Register an EHR system (SMART Backend Services); prints its client_id."""
+    from saf.users import UserError, add_client
+
+    try:
+        key_set = json.loads(jwks.read_text())
+    except FileNotFoundError:
+        fail(f"no such file: {jwks}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(f"{jwks} is not a readable JSON JWK Set: {exc}")
+    try:
+        info = add_client(open_hub(ctx), name, clinic, key_set, scope)
+    except UserError as exc:
+        fail(str(exc))
+    console.print(
+        f"client {info.name} of {info.clinic}: keys {', '.join(info.key_ids)}; "
+        f"scopes {' '.join(info.scopes)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(info.id, highlight=False)
+
+
+@client_app.command("revoke")
+def client_revoke(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Client name.")]
+) -> None:
+    """Revoke an EHR system: its token requests and tokens are refused from now on."""
+    from saf.users import UserError, revoke_client
+
+    try:
+        info = revoke_client(open_hub(ctx), name)
+    except UserError as exc:
+        fail(str(exc))
+    out.print(f"client {info.name} revoked", highlight=False)
+
+
+@client_app.command("list")
+def client_list(ctx: typer.Context) -> None:
+    """EHR systems, their clinics, scopes and key ids."""
+    from saf.users import list_clients
+
+    table = Table("name", "clinic", "client_id", "scopes", "key ids", "revoked (UTC)")
+    for info in list_clients(open_hub(ctx)):
+        revoked = info.revoked_at.strftime("%Y-%m-%d %H:%M") if info.revoked_at else ""
+        table.add_row(info.name, info.clinic, info.id, " ".join(info.scopes),
+                      ", ".join(info.key_ids), revoked)  # fmt: skip
     out.print(table)
 
 
@@ -444,6 +663,74 @@ def worklist_command(
             item.case_id,
         )
     out.print(table)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    ctx: typer.Context,
+    lines: Annotated[
+        int, typer.Option("-n", "--lines", min=1, max=10_000, help="How many latest records.")
+    ] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new ones.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 1.0,
+    polls: Annotated[int | None, typer.Option(hidden=True, help="Stop after N polls.")] = None,
+) -> None:
+    """The latest audit records (ids and names only, no patient data), oldest first."""
+    import time
+
+    from saf.identity import SYSTEM
+    from saf.models import AuditRecord
+    from saf.tenancy import visible_audit
+
+    hub = open_hub(ctx)
+    query = visible_audit(SYSTEM)
+    with hub.sessions() as session:
+        rows = list(session.scalars(query.order_by(AuditRecord.id.desc()).limit(lines)))[::-1]
+    out.print(_audit_table(rows, header=True))
+    last = rows[-1].id if rows else 0
+    done = 0
+    try:
+        while follow and (polls is None or done < polls):
+            time.sleep(interval)
+            done += 1
+            with hub.sessions() as session:
+                rows = list(
+                    session.scalars(
+                        query.where(AuditRecord.id > last).order_by(AuditRecord.id).limit(1000)
+                    )
+                )
+            if rows:
+                out.print(_audit_table(rows, header=False))
+                last = rows[-1].id
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends --follow quietly
+
+
+_AUDIT_OUTCOMES = {
+    0: "[green]ok[/]",
+    4: "[yellow]refused[/]",
+    8: "[red]failed[/]",
+    12: "[red]major[/]",
+}
+
+
+def _audit_table(rows: list[Any], *, header: bool) -> Table:
+    table = Table(
+        "time (UTC)", "event", "outcome", "actor", "address", "entity", show_header=header
+    )
+    for r in rows:
+        entity = "/".join(x for x in (r.entity_type, r.entity_id) if x)
+        if r.patient_pk:
+            entity += f" Patient/{r.patient_pk}"
+        table.add_row(
+            r.at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.event,
+            _AUDIT_OUTCOMES.get(r.outcome, str(r.outcome)),
+            f"{r.actor_kind}:{r.actor_name or r.actor_id or '-'}",
+            r.source_address or "",
+            entity,
+        )
+    return table
 
 
 @rules_app.command("show")

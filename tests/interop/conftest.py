@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,8 @@ class SafProcess:
     data_dir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """SAF_* settings for this hub, on top of the test's environment."""
 
     def saf(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `saf` command against this data dir."""
@@ -55,6 +57,7 @@ class SafProcess:
             text=True,
             check=check,
             timeout=120,
+            env={**os.environ, **self.env},
         )
 
     def start(self) -> None:
@@ -73,13 +76,15 @@ class SafProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + 30
+        port = int(self.env.get("SAF_DICOM_TLS_PORT", self.port))  # the last one to open
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"saf dicom exited with {self.proc.returncode}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.1)
