@@ -365,12 +365,25 @@ def export(
         if clinic_id is None:
             fail(f"no clinic named {clinic!r} (see `saf clinic list`)")
     try:
-        files = export_study(hub, study, out_dir, clinic_id=clinic_id)
+        files = export_study(hub, study, out_dir, who=_operator(), clinic_id=clinic_id)
     except ExportError as exc:
         fail(str(exc))
     except (CryptoError, BlobNotFound) as exc:
         fail(f"stored data failed verification, export stopped: {exc}", code=3)
     out.print(f"exported {len(files)} instance(s) to {out_dir}")
+
+
+def _operator() -> Any:
+    """The audit actor for a command run at this machine: the hub, on behalf of an OS user."""
+    import getpass
+
+    from saf.audit import Actor
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return Actor("system", None, f"cli:{user}"[:64], "local")
 
 
 @app.command()

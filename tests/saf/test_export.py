@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from sqlalchemy import select
 
 from saf.export import ExportError, export_study
 from saf.hub import Hub
+from saf.identity import SYSTEM
 from saf.ingest import ingest_part10
+from saf.models import AuditRecord
 from tests.factories import dataset_sha256, make_clinic, make_study
 
 
@@ -23,7 +26,7 @@ def test_export_gives_newest_version_whatever_its_instance_number(hub: Hub, tmp_
     first = ingest_part10(hub, original, sender)
     ingest_part10(hub, fixed, sender)
 
-    [exported] = export_study(hub, first.study_instance_uid, tmp_path / "out")
+    [exported] = export_study(hub, first.study_instance_uid, tmp_path / "out", who=SYSTEM)
 
     assert exported.version == 2
     assert dataset_sha256(exported.path) == dataset_sha256(fixed)
@@ -40,6 +43,16 @@ def test_export_of_study_at_two_clinics_needs_the_clinic(hub: Hub, tmp_path: Pat
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
 
     with pytest.raises(ExportError, match="pass --clinic"):
-        export_study(hub, study_uid, tmp_path / "x")
-    files = export_study(hub, study_uid, tmp_path / "b", clinic_id=b.clinic_id)
+        export_study(hub, study_uid, tmp_path / "x", who=SYSTEM)
+    files = export_study(hub, study_uid, tmp_path / "b", who=SYSTEM, clinic_id=b.clinic_id)
     assert sorted(f.path.read_bytes() for f in files) == sorted(p.read_bytes() for p in paths)
+    with hub.sessions() as session:
+        records = session.execute(
+            select(AuditRecord.outcome, AuditRecord.clinic_id, AuditRecord.detail)
+            .where(AuditRecord.event == "export")
+            .order_by(AuditRecord.id)
+        ).all()
+    assert [tuple(r) for r in records] == [
+        (4, None, f"refused: study {study_uid} exists at 2 clinics: pass --clinic"),
+        (0, b.clinic_id, "instances=2"),
+    ]

@@ -11,6 +11,7 @@ from saf.blobstore.local import LocalBlobStore
 from saf.crypto import IntegrityError, KeyRing, open_value, value_key_id
 from saf.export import export_study
 from saf.hub import Hub
+from saf.identity import SYSTEM
 from saf.ingest import ingest_part10
 from saf.keys import blobs_per_key, rotate
 from saf.models import Blob, Instance, Patient
@@ -47,7 +48,7 @@ def _ingest_study(hub: Hub, tmp_path: Path, count: int = 3) -> tuple[list[Path],
 
 
 def _exported_digests(hub: Hub, study_uid: str, out: Path) -> dict[str, str]:
-    files = export_study(hub, study_uid, out)
+    files = export_study(hub, study_uid, out, who=SYSTEM)
     return {f.sop_instance_uid: dataset_sha256(f.path) for f in files}
 
 
@@ -121,7 +122,7 @@ def test_tampered_blob_fails_export_and_leaves_no_partial_file(hub: Hub, tmp_pat
     out = tmp_path / "out"
 
     with pytest.raises(IntegrityError):
-        export_study(hub, study_uid, out)
+        export_study(hub, study_uid, out, who=SYSTEM)
 
     written = [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in written if p.name == f"{victim_uid}.dcm"]
