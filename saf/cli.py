@@ -145,8 +145,12 @@ def up(
         from saf.demo import load_demo
 
         load_demo(hub)
+    worker_proc = _start_worker(hub)  # first: no other thread runs yet (see _die_with_parent)
     node, timer = _start_dicom(hub)
-    worker_proc = _start_worker(hub)
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the previous
+    # handler restored; make that handler an exit, so the clean-up below runs.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_quietly)
     try:
         _serve_http(hub, ssl_certfile, ssl_keyfile)
     finally:
@@ -154,6 +158,10 @@ def up(
         timer.stop()
         node.stop()
         worker_proc.wait(timeout=30)
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 @app.command()
@@ -218,7 +226,18 @@ def api(
 def _start_worker(hub: Hub) -> subprocess.Popen[bytes]:
     """`saf worker` as a child process (same settings), so `saf up` is one process tree."""
     argv = [sys.executable, "-m", "saf", "--data-dir", str(hub.settings.data_dir), "worker"]
+    if sys.platform == "linux":
+        return subprocess.Popen(argv, preexec_fn=_die_with_parent)
     return subprocess.Popen(argv)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when `saf up` dies, even by SIGKILL, so no
+    orphaned worker keeps running. (preexec_fn: only safe while the parent has one thread.)"""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _start_dicom(hub: Hub) -> tuple[Any, Any]:

@@ -4,12 +4,14 @@ seconds of the stable age, its case is on the routed worklist with every thumbna
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import func, select
 
@@ -98,3 +100,30 @@ def test_storescu_ct_ends_on_the_worklist_with_thumbnails(tmp_path: Path) -> Non
             select(func.count(Thumbnail.id)).where(Thumbnail.series_pk.in_(series))
         )
     assert series_thumbs == len(series) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_saf_up_leaves_no_worker_behind(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM stops every component; even a SIGKILLed `saf up` takes its worker along."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAF_")}
+    dicom_port, http_port = free_port(), free_port()
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "saf", "--data-dir", str(tmp_path / "data"),
+         "--dicom-port", str(dicom_port), "--http-port", str(http_port), "up"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    family: list[psutil.Process] = [psutil.Process(up.pid)]
+    try:
+        _wait_listening(http_port, up)
+        family += family[0].children(recursive=True)
+        assert len(family) == 2, family  # saf up and its worker
+        up.send_signal(sig)
+        up.wait(timeout=60)
+        family[1].wait(timeout=60)  # raises psutil.TimeoutExpired if the worker lingers
+    finally:
+        for proc in family:
+            if proc.is_running():
+                proc.kill()
+    if sig == signal.SIGTERM:
+        assert up.returncode == 0, (tmp_path / "up.log").read_text(errors="replace")[-2000:]
