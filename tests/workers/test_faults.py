@@ -118,13 +118,14 @@ def test_worker_killed_mid_task_then_study_resent(
             _wait_for(lambda: "ready" in standby.log())
         _ingest_and_complete(hub, sender, paths)
         _wait_for(lambda: _count(hub, Thumbnail.id) > 0, poll=0.01)  # a batch is committed
-        busy, idle = (worker, standby) if "received" in worker.log() else (standby, worker)
+        busy = worker if "received" in worker.log() else standby
         busy.kill()
         partial = _count(hub, Thumbnail.id)
         assert partial < 241, "the kill came too late to test anything; make the study bigger"
-        if broker == "redis-running":
-            assert "received" not in idle.log()
-        else:
+        # redis-running: nothing is restarted; the idle worker takes the task over once the
+        # visibility timeout has passed (on a loaded machine it may even take it while the
+        # first worker still runs it: harmless, the task is idempotent).
+        if broker != "redis-running":
             time.sleep(1)
             worker.start()  # restarted by systemd, say
         _wait_for(_settled(hub, thumbnails=241))
