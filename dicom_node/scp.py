@@ -30,16 +30,22 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification, uid_to_service_class  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
+from dicom_node.commitment import StorageCommitment
+from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve
 from dicom_node.tcp import set_no_delay
 from dicom_node.tls import peer_cert_der, server_context
 from saf import audit
@@ -67,6 +73,14 @@ SPOOL_GRACE_SECONDS = 30.0
 NOT_AUTHORISED = 0x0124
 """DIMSE status "Refused: Not Authorised" (PS3.7 C.5): the peer lacks the permission."""
 
+STORAGE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    *(uid for uid in ALL_TRANSFER_SYNTAXES if uid != ExplicitVRLittleEndian),
+]
+"""Transfer syntaxes of the storage contexts, in the order the node prefers them (the
+acceptor's order decides): Explicit VR Little Endian first, so instances stored that way
+go back to a C-GET peer that offers it byte for byte, and private VRs are kept."""
+
 _REJECT_REASONS = {
     (0x01, 0x03): "calling AE title not recognised",
     (0x01, 0x07): "called AE title not recognised",
@@ -86,6 +100,8 @@ def dimse_service(abstract_syntax: str) -> str | None:
     uid = UID(abstract_syntax)
     if uid == Verification:
         return "echo"
+    if uid == StorageCommitmentPushModel:
+        return "store"  # committing to what one stored is part of storing
     if uid_to_service_class(uid) is StorageServiceClass:
         return "store"
     for service in ("find", "move", "get"):
@@ -121,6 +137,8 @@ class DicomNode:
         """Permission each abstract syntax needs (see dimse_service), filled as met."""
         self._ingesting: set[Path] = set()
         self._stop = threading.Event()
+        self.query_retrieve = QueryRetrieve(self)
+        self.commitment = StorageCommitment(self)
         self._sweeper = threading.Thread(target=self._sweep_loop, name="saf-spool", daemon=True)
         self.ae = self._make_ae()
 
@@ -154,6 +172,8 @@ class DicomNode:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            *self.query_retrieve.handlers(),
+            *self.commitment.handlers(),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
@@ -228,8 +248,21 @@ class DicomNode:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # Accept the roles a peer proposes: a C-GET peer asks to be the Storage SCP
+            # on these contexts, a modality that sends role selection to be the SCU.
+            ae.add_supported_context(
+                cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
+        for uid in QUERY_RETRIEVE_CONTEXTS:
+            ae.add_supported_context(uid)
+        ae.add_supported_context(StorageCommitmentPushModel)
         return ae
+
+    def access_of(self, assoc: Association) -> PeerAccess | None:
+        """The peer an accepted association belongs to (None if it is not one of ours)."""
+        with self._lock:
+            state = self._peers.get(assoc)
+        return state.access if state is not None else None
 
     def _on_requested(self, event: evt.Event) -> None:
         """Resolve the peer before negotiation; reject it (A-ASSOCIATE-RJ) or narrow the

@@ -1,1 +1,1 @@
-"""FHIR R4 REST API (referrals, documents, MHD recipient); built in a later issue."""
+"""FHIR R4 REST API at /fhir (fhir_api.routes.router): resources, search, history, metadata."""

@@ -18,6 +18,7 @@ PUBLIC_PATHS: Final = frozenset(
         auth_http.SESSION_PATH,
         auth_http.JWKS_PATH,
         auth_http.SMART_CONFIGURATION_PATH,
+        "/fhir/metadata",  # the CapabilityStatement holds no data (fhir_api.routes)
     }
 )
 """Route paths reachable without a token; every other route must depend on CurrentPrincipal
@@ -33,6 +34,15 @@ def create_app(hub: Hub) -> FastAPI:
     app.add_exception_handler(AuthError, auth_error_handler)
     app.include_router(auth_http.router)
     app.include_router(api_http.router)
+    from fhir_api.routes import router as fhir_router  # the composition root mounts it
+
+    app.include_router(fhir_router)
+    # Imported here, not at module level: saf must not depend on dicom_node at import time.
+    from dicom_node import dicomweb
+
+    app.include_router(dicomweb.router)
+    if origins := dicomweb.cors_origins(hub.settings.cors_origins):
+        app.add_middleware(dicomweb.DicomwebCORS, origins=origins)
 
     @app.get("/healthz", tags=["health"])
     def healthz(response: Response) -> dict[str, Any]:

@@ -487,6 +487,12 @@ def clinic_add(
     no_cert: Annotated[
         bool, typer.Option("--no-cert", help="Remove the AE's certificate requirement.")
     ] = False,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the AE's own Storage SCP (with --host): a C-MOVE destination [0: remove]."
+        ),
+    ] = None,
 ) -> None:
     """Register a clinic and a calling AE title for it; again for an AE title: update it."""
     from saf.clinics import ClinicError, add_clinic, cert_sha256_of_pem
@@ -507,6 +513,7 @@ def clinic_add(
             host,
             permissions=allow.split(",") if allow is not None else None,
             cert_sha256=pin,
+            port=port,
         )
     except ClinicError as exc:
         fail(str(exc))

@@ -69,10 +69,13 @@ class PeerInfo:
     """Host the AE title must come from, or '' for any host."""
     permissions: frozenset[str]
     cert_sha256: str | None
+    port: int | None = None
+    """The peer's own Storage SCP port: set, it is a C-MOVE destination."""
 
     def describe(self) -> str:
-        """`AET@host [store,find] cert:ab12cd34…` (host `*`: any), for the terminal."""
-        text = f"{self.ae_title}@{self.host or '*'} [{format_permissions(self.permissions)}]"
+        """`AET@host:port [store,find] cert:ab12cd34…` (host `*`: any), for the terminal."""
+        where = f"{self.host or '*'}{f':{self.port}' if self.port else ''}"
+        text = f"{self.ae_title}@{where} [{format_permissions(self.permissions)}]"
         if self.cert_sha256:
             text += f" cert:{self.cert_sha256[:16]}…"
         return text
@@ -158,12 +161,14 @@ def add_clinic(
     *,
     permissions: Iterable[str] | None = None,
     cert_sha256: str | None = None,
+    port: int | None = None,
 ) -> ClinicInfo:
     """Register a clinic (or reuse it by name) and optionally a calling AE title for it.
 
     Registering an AE title the clinic already has updates it: `permissions` (None keeps
-    them; a new peer gets DEFAULT_PERMISSIONS) and `cert_sha256` (None keeps it, '' removes
-    the pin).
+    them; a new peer gets DEFAULT_PERMISSIONS), `cert_sha256` (None keeps it, '' removes
+    the pin) and `port` (None keeps it, 0 removes it). A peer with a host and a port is a
+    C-MOVE destination and gets Storage Commitment results on a new association.
     """
     name = name.strip()
     if not name or len(name) > 64:
@@ -174,8 +179,12 @@ def add_clinic(
         raise ClinicError(str(exc)) from None
     wanted = parse_permissions(permissions) if permissions is not None else None
     pin = _check_fingerprint(cert_sha256) if cert_sha256 else cert_sha256
-    if not aet and (wanted is not None or pin is not None):
-        raise ClinicError("permissions and certificates belong to an AE title: add --aet")
+    if not aet and (wanted is not None or pin is not None or port is not None):
+        raise ClinicError("permissions, certificates and ports belong to an AE title: add --aet")
+    if port is not None and not 0 <= port <= 65535:
+        raise ClinicError("port must be 1-65535 (0 removes it)")
+    if port and not host:
+        raise ClinicError("a port needs the peer's address: add --host")
     with transaction(hub.sessions) as session:
         clinic = session.scalar(select(Clinic).where(Clinic.name == name))
         if clinic is None:
@@ -202,6 +211,8 @@ def add_clinic(
                 peer.permissions = format_permissions(wanted)
             if pin is not None:
                 peer.cert_sha256 = pin or None
+            if port is not None:
+                peer.port = port or None
         clinic_id = clinic.id
     return get_clinic(hub, clinic_id)
 
@@ -215,7 +226,13 @@ def get_clinic(hub: Hub, clinic_id: str) -> ClinicInfo:
         peers = tuple(
             sorted(
                 (
-                    PeerInfo(p.ae_title, p.host, _stored_permissions(p.permissions), p.cert_sha256)
+                    PeerInfo(
+                        p.ae_title,
+                        p.host,
+                        _stored_permissions(p.permissions),
+                        p.cert_sha256,
+                        p.port,
+                    )
                     for p in clinic.peers
                 ),
                 key=lambda p: (p.ae_title, p.host),

@@ -100,6 +100,9 @@ class DicomPeer(Base):
     cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     """When set, the peer must connect over TLS with the client certificate of this
     SHA-256 fingerprint (hex, lower case)."""
+    port: Mapped[int | None] = mapped_column(Integer, default=None)
+    """TCP port of the peer's own Storage SCP; a peer with a host and port is a C-MOVE
+    destination and receives Storage Commitment results on a new association."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     clinic: Mapped[Clinic] = relationship(back_populates="peers")
@@ -414,3 +417,56 @@ class AuditRecord(Base):
     """The patient whose data was touched (BALP patient participant), when known."""
     detail: Mapped[str | None] = mapped_column(String(256))
     """Ids and counts only; no PHI."""
+
+
+class FhirResource(Base):
+    """One FHIR resource a client created (saf.fhir_store), as it is now: its tenant, its
+    current version and the plain columns searches filter on. Every version's content is a
+    FhirVersion row, sealed."""
+
+    __tablename__ = "fhir_resource"
+    __table_args__ = (Index("ix_fhir_resource_type_updated", "resource_type", "last_updated"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    """The logical id (server-assigned, unique across types)."""
+    resource_type: Mapped[str] = mapped_column(String(64))
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The `status` element, for types that have one (search by status)."""
+    subject: Mapped[str | None] = mapped_column(String(128), index=True)
+    """The `subject` (or `patient`) reference as stored, e.g. ``Patient/<id>``."""
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("consult.id"), index=True)
+    """The case a ServiceRequest made or joined (the specialists of that case see it)."""
+    patient_pk: Mapped[str | None] = mapped_column(ForeignKey("patient.id"), index=True)
+    """The index patient a FHIR Patient (or a referral's subject) stands for, once known."""
+
+
+class FhirVersion(Base):
+    """One version of a FHIR resource: the JSON sealed, or no content for a deletion."""
+
+    __tablename__ = "fhir_version"
+
+    resource_id: Mapped[str] = mapped_column(ForeignKey("fhir_resource.id"), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+    method: Mapped[str] = mapped_column(String(8))
+    """POST, PUT or DELETE: the interaction that made this version (history entries)."""
+    content_sealed: Mapped[str | None] = mapped_column(Text)
+    """The resource JSON sealed with saf.crypto.seal_value (context
+    ``fhir/<type>/<id>``); None for a deletion."""
+
+
+class FhirToken(Base):
+    """A token search value of a resource's current version (identifier system|value)."""
+
+    __tablename__ = "fhir_token"
+    __table_args__ = (Index("ix_fhir_token_param_value", "param", "value"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(ForeignKey("fhir_resource.id"), index=True)
+    param: Mapped[str] = mapped_column(String(32))
+    system: Mapped[str] = mapped_column(String(255), default="")
+    value: Mapped[str] = mapped_column(String(255))

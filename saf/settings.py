@@ -134,6 +134,17 @@ class Settings(BaseSettings):
     auth_rate_burst: int = Field(default=20, ge=1)
     """Attempts one address may make at once before the per-minute rate applies."""
 
+    cors_origins: str = ""
+    """Web origins (comma-separated, e.g. https://ohif.example.org) allowed to call /dicomweb
+    from a browser; empty (the default) allows none. ``*`` allows any origin."""
+
+    stow_max_bytes: int = Field(default=4 << 30, ge=1)
+    """Largest STOW-RS request body accepted (bytes); a larger one answers 413."""
+
+    fhir_max_body_bytes: int = Field(default=16 << 20, ge=1)
+    """Largest FHIR request body accepted (bytes, 16 MiB by default); a larger one answers
+    413 with an OperationOutcome, refused by Content-Length or while reading."""
+
     demo: bool = False
     """Demo mode: registers a demo clinic and loads a sample study."""
 

@@ -17,6 +17,9 @@ Who sees what:
   consults, so colleagues on the same worklist can cover and compare), plus any
   case of their specialties assigned to them whatever its status; and the
   patients, studies, series and instances of those cases only.
+- FHIR resources clients stored (saf.fhir_store): a clinic's principals see their
+  clinic's; a specialist those linked to a case they see (its ServiceRequests, and the
+  Patient resources of its patient).
 - `admin`: no PHI at all; the audit trail.
 - anything else (no clinic, unknown role): nothing. Deny is the default.
 
@@ -42,7 +45,16 @@ from sqlalchemy.orm.util import AliasedClass
 
 from saf.cases import TaskStatus
 from saf.identity import Principal
-from saf.models import AuditRecord, Case, CaseStudy, Instance, Patient, Series, Study
+from saf.models import (
+    AuditRecord,
+    Case,
+    CaseStudy,
+    FhirResource,
+    Instance,
+    Patient,
+    Series,
+    Study,
+)
 
 SPECIALIST_STATUSES: frozenset[str] = frozenset(
     {
@@ -173,6 +185,25 @@ def patient_clause(principal: Principal) -> ColumnElement[bool]:
     return false()
 
 
+def fhir_resource_clause(principal: Principal) -> ColumnElement[bool]:
+    """WHERE clause on `FhirResource` (resources FHIR clients created): a clinic's own;
+    for specialists, those linked to a case they see (the case's ServiceRequests, and the
+    Patient resources of its patient)."""
+    if _is_system(principal):
+        return true()
+    clinic = _clinic_of(principal)
+    if clinic is not None:
+        return FhirResource.clinic_id == clinic
+    if _is_specialist(principal) and principal.specialties:
+        c = aliased(Case)
+        linked = or_(
+            c.id == FhirResource.case_id,
+            and_(FhirResource.patient_pk.is_not(None), c.patient_pk == FhirResource.patient_pk),
+        )
+        return exists(select(c.id).where(linked, _case_clause(principal, c)))
+    return false()
+
+
 def audit_clause(principal: Principal) -> ColumnElement[bool]:
     """WHERE clause on `AuditRecord`: the whole trail for admins and the hub, else nothing."""
     return true() if can_read_audit(principal) else false()
@@ -204,6 +235,12 @@ def visible_instances(principal: Principal) -> Select[Instance]:
 def visible_patients(principal: Principal) -> Select[Patient]:
     """`select(Patient)` limited to the caller's patients."""
     return select(Patient).where(patient_clause(principal))
+
+
+def visible_fhir_resources(principal: Principal) -> Select[FhirResource]:
+    """`select(FhirResource)` limited to the caller's FHIR resources (deleted ones included:
+    a deleted resource answers 410 to its owner)."""
+    return select(FhirResource).where(fhir_resource_clause(principal))
 
 
 def visible_audit(principal: Principal) -> Select[AuditRecord]:

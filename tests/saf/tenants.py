@@ -3,10 +3,13 @@ the tenancy, API and route-protection tests."""
 
 from __future__ import annotations
 
+import io
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from pydicom import dcmread
 from sqlalchemy import select
 
 from saf.hub import Hub
@@ -179,3 +182,75 @@ def ehr_login(client: TestClient, name: str, clinic: str, scopes: list[str]) -> 
     hub: Hub = client.app.state.hub  # type: ignore[attr-defined]
     info, key = make_client(hub, name, clinic=clinic, scopes=scopes)
     return client_token(client, info.id, key, scope=" ".join(scopes))
+
+
+def stow_body(study_instance_uid: str) -> tuple[bytes, str]:
+    """A STOW-RS request body (content, Content-Type) holding one new CT instance filed under
+    `study_instance_uid`, of a patient no test world has (WALKER^STOW)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        [path] = make_study(
+            Path(tmp), "ct", count=1, seed=97, patient_id="STOW-1", patient_name="WALKER^STOW"
+        )
+        ds = dcmread(path)
+    ds.StudyInstanceUID = study_instance_uid
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    boundary = "walker-stow-boundary"
+    content = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + out.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return content, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def fhir_referral(resource_id: str | None = None, study_instance_uid: str = "") -> bytes:
+    """Clinic B's chest CT referral as FHIR JSON: a ServiceRequest whose subject is the
+    clinic's Patient ID PB1 (a logical reference, so sending it anywhere names nothing of
+    clinic B's stored objects)."""
+    import json
+
+    identifiers = [{"system": "urn:oid:1.2.3.99.1", "value": "REF-B-1"}]
+    if study_instance_uid:
+        identifiers.append({"system": "urn:dicom:uid", "value": f"urn:oid:{study_instance_uid}"})
+    sr: dict[str, object] = {
+        "resourceType": "ServiceRequest",
+        "identifier": identifiers,
+        "status": "active",
+        "intent": "order",
+        "subject": {"identifier": {"system": "urn:oid:1.2.3.99.2", "value": "PB1"}},
+    }
+    if resource_id:
+        sr["id"] = resource_id
+    return json.dumps(sr).encode()
+
+
+def add_fhir_referral(hub: Hub, world: World) -> tuple[str, str]:
+    """Clinic B's FHIR Patient (PB1) and its referral for the chest CT case, stored the way
+    its EHR would send them; returns (Patient id, ServiceRequest id)."""
+    import json
+
+    from saf import fhir_store
+    from saf.models import Case, CaseStudy
+
+    ehr = Principal(
+        kind="client", id="ehr-b", name="ehr-b", role="system", clinic_id=world.b.clinic_id
+    )
+    with hub.sessions() as session:
+        uid = session.scalars(
+            select(Study.study_instance_uid)
+            .join(CaseStudy, CaseStudy.study_pk == Study.id)
+            .join(Case, Case.id == CaseStudy.case_id)
+            .where(Case.id == world.ct_case_b)
+        ).first()
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:oid:1.2.3.99.2", "value": "PB1"}],
+        "name": [{"family": "BRAVO", "given": ["BERT"]}],
+    }
+    stored_patient = fhir_store.create(hub, ehr, patient, RULES)
+    sr = json.loads(fhir_referral(study_instance_uid=uid or ""))
+    sr["subject"] = {"reference": f"Patient/{stored_patient.id}"}
+    stored_sr = fhir_store.create(hub, ehr, sr, RULES)
+    assert stored_sr.case_id == world.ct_case_b, "the referral must join the chest CT case"
+    return stored_patient.id, stored_sr.id

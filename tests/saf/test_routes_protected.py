@@ -49,10 +49,13 @@ from tests.factories import make_user
 from tests.saf.tenants import (
     People,
     World,
+    add_fhir_referral,
     ehr_login,
+    fhir_referral,
     login,
     make_people,
     make_world,
+    stow_body,
 )
 
 # --------------------------------------------------------------------------- the data
@@ -63,6 +66,14 @@ PARAMS: dict[str, Callable[[Target], str]] = {
     "series_id": lambda t: t.series_id,
     "instance_id": lambda t: t.instance_id,
     "patient_id": lambda t: t.patient_pk,
+    "study": lambda t: t.study_uid,
+    "series": lambda t: t.series_uid,
+    "instance": lambda t: t.sop_instance_uid,
+    "frames": lambda t: "1",
+    "resource_type": lambda t: "ServiceRequest",
+    "resource_id": lambda t: t.service_request_id,
+    "version_id": lambda t: "1",
+    "task_id": lambda t: t.case_id,
 }
 """How to fill each path parameter with an object of clinic B's chest CT case (the target).
 A new route with another parameter name must be added here."""
@@ -70,10 +81,22 @@ A new route with another parameter name must be added here."""
 RIGHTFUL: dict[tuple[str, str], str] = {
     ("POST", "/api/cases/{case_id}/claim"): "thoracic",
     ("GET", "/api/audit"): "admin",
+    ("DELETE", "/fhir/{resource_type}/{resource_id}"): "ehr_b",  # clinicians may not delete
 }
 """Who may use a route, when not clinic B's clinician (the target's owner)."""
 
 ADMIN_CALLERS = frozenset({"admin"})
+
+BODIES: dict[tuple[str, str], Callable[[Target], tuple[bytes, str]]] = {
+    ("POST", "/dicomweb/studies"): lambda t: t.stow,
+    ("POST", "/dicomweb/studies/{study}"): lambda t: t.stow,
+    ("POST", "/fhir/{resource_type}"): lambda t: (fhir_referral(), "application/fhir+json"),
+    ("PUT", "/fhir/{resource_type}/{resource_id}"): lambda t: (
+        fhir_referral(t.service_request_id),
+        "application/fhir+json",
+    ),
+}
+"""Request bodies (content, Content-Type) for routes that need one, sent by every caller."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,16 @@ class Target:
     patient_pk: str
     ids: frozenset[str]
     """Every id of the case: none may appear in a body the attacker receives."""
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    """DICOM UIDs of the study, and of a series and an instance in it (DICOMweb paths)."""
+    stow: tuple[bytes, str]
+    """A STOW-RS body (content, Content-Type): a new instance of the target study, of
+    another patient, so that storing it anywhere leaks nothing of clinic B."""
+    service_request_id: str
+    fhir_patient_id: str
+    """Clinic B's FHIR referral for the case and its subject Patient (fhir_api routes)."""
 
 
 def _target(hub: Hub, world: World) -> Target:
@@ -95,14 +128,27 @@ def _target(hub: Hub, world: World) -> Target:
         study_id = next(s for s, c in world.b.case_of_study.items() if c == case.id)
         series = list(session.scalars(select(Series.id).where(Series.study_pk == study_id)))
         instances = list(session.scalars(select(Instance.id).where(Instance.series_pk.in_(series))))
-        patient_pk = session.get_one(Study, study_id).patient_pk
+        study = session.get_one(Study, study_id)
+        patient_pk = study.patient_pk
+        instance = session.get_one(Instance, instances[0])
+        series_uid = session.get_one(Series, instance.series_pk).series_instance_uid
+    fhir_patient_id, service_request_id = add_fhir_referral(hub, world)
     return Target(
         case.id,
         study_id,
-        series[0],
+        instance.series_pk,
         instances[0],
         patient_pk,
-        frozenset({case.id, study_id, patient_pk, *series, *instances}),
+        frozenset(
+            {case.id, study_id, patient_pk, *series, *instances, fhir_patient_id}
+            | {service_request_id}
+        ),
+        study.study_instance_uid,
+        series_uid,
+        instance.sop_instance_uid,
+        stow_body(study.study_instance_uid),
+        service_request_id,
+        fhir_patient_id,
     )
 
 
@@ -143,6 +189,15 @@ def authenticates(route: BaseRoute | None) -> bool:
             return True
         pending.extend(dependant.dependencies)
     return False
+
+
+def _with_body(endpoint: Endpoint, headers: dict[str, str], target: Target) -> dict[str, Any]:
+    """Request arguments: the caller's headers, and the route's body from BODIES if any."""
+    make = BODIES.get((endpoint.method, endpoint.path))
+    if make is None:
+        return {"headers": headers}
+    content, content_type = make(target)
+    return {"headers": {**headers, "Content-Type": content_type}, "content": content}
 
 
 _PARAM = re.compile(r"{(\w+)(?::\w+)?}")
@@ -232,7 +287,9 @@ def check_routes(client: TestClient, callers: Callers, target: Target) -> list[s
         for attempt in callers.attempts:
             if rightful in attempt.skip_when_rightful:
                 continue
-            response = client.request(endpoint.method, url, headers=attempt.headers)
+            response = client.request(
+                endpoint.method, url, **_with_body(endpoint, attempt.headers, target)
+            )
             if not attempt.refused(response):
                 problems.append(
                     f"{label}: {attempt.name} got {response.status_code}, expected "
@@ -242,7 +299,9 @@ def check_routes(client: TestClient, callers: Callers, target: Target) -> list[s
     # Positive controls last: they may change state (a claim).
     for endpoint, url in positive:
         rightful = RIGHTFUL.get((endpoint.method, endpoint.path), "clinician_b")
-        response = client.request(endpoint.method, url, headers=callers.rightful[rightful])
+        response = client.request(
+            endpoint.method, url, **_with_body(endpoint, callers.rightful[rightful], target)
+        )
         if not response.is_success:
             problems.append(
                 f"{endpoint.method} {endpoint.path}: the rightful caller ({rightful}) got "
@@ -286,6 +345,7 @@ def setup(hub: Hub, tmp_path: Path) -> Iterator[Setup]:
             "clinician_b": login(client, people.clinician_b),
             "thoracic": login(client, people.thoracic),
             "admin": login(client, people.admin),
+            "ehr_b": ehr_login(client, "ehr-b-fhir", world.b.name, ["system/*.cruds"]),
         }
         clinician_a = login(client, people.clinician_a)
         derm = login(client, people.derm)
@@ -366,6 +426,7 @@ def test_every_route_refuses_every_caller_it_must(setup: Setup) -> None:
     assert not problems, "\n".join(problems)
     walked = {e.path for e in walk(app.routes)} - PUBLIC_PATHS
     assert {"/api/cases/{case_id}", "/api/audit", "/api/studies/{study_id}"} <= walked
+    assert {"/fhir/{resource_type}", "/fhir/{resource_type}/{resource_id}"} <= walked
 
 
 def test_every_attempt_is_audited(setup: Setup) -> None:
@@ -386,6 +447,8 @@ def test_every_attempt_is_audited(setup: Setup) -> None:
     assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.series_id)
     assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.instance_id)
     assert seen(event="update", outcome=audit.SUCCESS, entity_id=target.case_id)  # the claim
+    assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.service_request_id)
+    assert seen(event="delete", outcome=audit.SUCCESS, entity_id=target.service_request_id)
     for who in (setup.people.clinician_a, setup.people.derm):
         refused = seen(actor_name=who, outcome=audit.MINOR_FAILURE)
         assert {r.entity_id for r in refused} >= {target.case_id, target.study_id}, who

@@ -1,0 +1,329 @@
+"""Query/Retrieve SCP: C-FIND, C-MOVE and C-GET (Patient Root and Study Root).
+
+Matching is saf.query's (the index only, scoped by saf.tenancy to the calling peer's
+clinic); this module speaks DIMSE. Permissions were already applied at negotiation
+(a peer only gets the contexts of the services it may use) and are checked again
+per request.
+
+Retrieve sends the stored bytes: each instance is decrypted and verified (saf.vault)
+into memory and handed to pynetdicom as read, so its elements go out as they came in
+when the receiver accepts the stored transfer syntax. C-MOVE proposes, per SOP class,
+a context with exactly each stored syntax plus an uncompressed fallback; only when
+the receiver refuses the stored (compressed) syntax is the instance decompressed, and
+that is logged. An instance is held in memory while it is sent (pynetdicom's C-GET/C-MOVE
+machinery takes datasets, not files).
+
+C-MOVE destinations are the registered peers of the caller's own clinic that have a
+port (`saf clinic add ... --port`); any other AE title is "Move Destination unknown"
+(0xA801). Audit: one `dicom-find` per query (with the number of matches), one
+`dicom-retrieve` per study moved or got.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from sqlalchemy import select
+
+from dicom_node.tcp import set_no_delay
+from saf import audit, vault
+from saf.clinics import PeerAccess
+from saf.models import Blob, DicomPeer
+from saf.query import Model, QueryError, StoredInstance, find, retrieve_instances
+
+if TYPE_CHECKING:
+    from dicom_node.scp import DicomNode
+
+log = logging.getLogger(__name__)
+
+QUERY_RETRIEVE_CONTEXTS: tuple[str, ...] = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+"""Abstract syntaxes the node offers for query/retrieve."""
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+NOT_AUTHORISED = 0x0124
+UNABLE_TO_PROCESS = 0xC000
+MAX_MOVE_CONTEXTS = 128
+"""Presentation contexts one association may propose (PS3.8)."""
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def information_model(sop_class_uid: str) -> Model:
+    """`patient` or `study` root, from the request's Affected SOP Class UID."""
+    return "patient" if UID(sop_class_uid).name.startswith("Patient Root") else "study"
+
+
+class QueryRetrieve:
+    """The C-FIND, C-MOVE and C-GET handlers of one DicomNode."""
+
+    def __init__(self, node: DicomNode) -> None:
+        self.node = node
+        self.hub = node.hub
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """pynetdicom (event, handler) pairs to bind on the node's servers."""
+        return [
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    # ------------------------------------------------------------------ C-FIND
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Yield (0xFF00, identifier) per match, then pynetdicom sends the final success."""
+        access = self.node.access_of(event.assoc)
+        if access is None or not access.may("find"):
+            yield _status(NOT_AUTHORISED, "this AE title may not query"), None
+            return
+        model = information_model(str(event.request.AffectedSOPClassUID))
+        try:
+            identifier = event.identifier
+            result = find(self.hub, access.principal, identifier, model)
+        except QueryError as exc:
+            self._audit(access, "dicom-find", audit.MINOR_FAILURE, f"refused: {exc.message}")
+            yield _status(exc.status, exc.message), None
+            return
+        except Exception:
+            log.exception("C-FIND from %s failed", access.principal.name)
+            self._audit(access, "dicom-find", audit.SERIOUS_FAILURE, "query failed")
+            yield _status(UNABLE_TO_PROCESS, "internal error; see hub log"), None
+            return
+        if result.truncated:
+            log.warning(
+                "C-FIND from %s: more than %d matches, answered the first ones",
+                access.principal.name,
+                len(result.identifiers),
+            )
+        self._audit(
+            access,
+            "dicom-find",
+            audit.SUCCESS,
+            f"model={model} level={result.level} matches={len(result.identifiers)}"
+            f"{' truncated' if result.truncated else ''} studies={len(result.study_pks)}",
+        )
+        for ds in result.identifiers:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, ds
+
+    # ------------------------------------------------------------------ C-MOVE
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """Yield the destination, the number of sub-operations, then (0xFF00, dataset)s."""
+        access = self.node.access_of(event.assoc)
+        destination = str(event.move_destination or "").strip()
+        target = self._destination(access, destination) if access and access.may("move") else None
+        if access is None or target is None:
+            log.warning(
+                "C-MOVE from %s to unknown destination %r",
+                access.principal.name if access else "?",
+                destination,
+            )
+            if access is not None:
+                self._audit(
+                    access, "dicom-retrieve", audit.MINOR_FAILURE,
+                    f"refused: move destination {destination} unknown",
+                )  # fmt: skip
+            yield None, None
+            return
+        model = information_model(str(event.request.AffectedSOPClassUID))
+        items, error = self._select(access, event, model)
+        accepted: list[Association] = []
+        contexts = _move_contexts(items)
+        yield (
+            target[0],
+            target[1],
+            {
+                "contexts": contexts,
+                "evt_handlers": [
+                    (evt.EVT_CONN_OPEN, set_no_delay),  # else Nagle stalls every C-STORE
+                    (evt.EVT_ACCEPTED, lambda e: accepted.append(e.assoc)),
+                ],
+            },
+        )
+        if error is not None:
+            raise error  # pynetdicom answers 0xC513 "unable to process"
+        yield len(items)
+        self._audit_retrieve(access, items, f"move to {destination}")
+        for item in items:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            offered = accepted[0].accepted_contexts if accepted else []
+            yield PENDING, self._load(item, offered)
+
+    def _destination(self, access: PeerAccess, ae_title: str) -> tuple[str, int] | None:
+        """(host, port) of a registered peer of the caller's clinic with that AE title."""
+        with self.hub.sessions() as session:
+            peers = session.scalars(
+                select(DicomPeer)
+                .where(
+                    DicomPeer.clinic_id == access.clinic_id,
+                    DicomPeer.ae_title == ae_title,
+                    DicomPeer.port.is_not(None),
+                    DicomPeer.host != "",
+                )
+                .order_by(DicomPeer.created_at)
+            ).all()
+            return (peers[0].host, int(peers[0].port or 0)) if peers else None
+
+    # ------------------------------------------------------------------ C-GET
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """Yield the number of sub-operations, then (0xFF00, dataset)s sent back on the
+        same association over the storage contexts the peer proposed."""
+        access = self.node.access_of(event.assoc)
+        if access is None or not access.may("get"):
+            yield 1
+            yield _status(NOT_AUTHORISED, "this AE title may not retrieve"), None
+            return
+        model = information_model(str(event.request.AffectedSOPClassUID))
+        items, error = self._select(access, event, model)
+        if error is not None:
+            yield 1
+            yield _status(error.status, error.message), None
+            return
+        yield len(items)
+        self._audit_retrieve(access, items, "get")
+        for item in items:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, self._load(item, event.assoc.accepted_contexts)
+
+    # ------------------------------------------------------------------ shared
+
+    def _select(
+        self, access: PeerAccess, event: evt.Event, model: Model
+    ) -> tuple[list[StoredInstance], QueryError | None]:
+        try:
+            return retrieve_instances(self.hub, access.principal, event.identifier, model), None
+        except QueryError as exc:
+            self._audit(access, "dicom-retrieve", audit.MINOR_FAILURE, f"refused: {exc.message}")
+            return [], exc
+
+    def _load(self, item: StoredInstance, contexts: list[PresentationContext]) -> Dataset:
+        """The stored instance, verified, as pynetdicom should send it.
+
+        Decompressed only when the receiver accepted no context with the stored
+        syntax but an uncompressed one. An instance that cannot be read or sent comes
+        back as a bare dataset pynetdicom cannot send, so it counts as a failed
+        sub-operation (with its UID in the Failed SOP Instance UID List).
+        """
+        try:
+            with self.hub.sessions() as session:
+                blob = session.get(Blob, item.blob_id)
+                if blob is None:
+                    raise LookupError(f"blob {item.blob_id} missing from the index")
+                data = b"".join(vault.read(self.hub, blob))
+            ds = dcmread(BytesIO(data))
+        except Exception:
+            log.exception("cannot read instance %s for retrieve", item.sop_instance_uid)
+            return _unsendable(item)
+        ours = [cx for cx in contexts if cx.abstract_syntax == item.sop_class_uid and cx.as_scu]
+        syntaxes = {str(cx.transfer_syntax[0]) for cx in ours}
+        stored = item.transfer_syntax_uid
+        if stored in syntaxes:
+            return ds
+        if stored in _UNCOMPRESSED and syntaxes & set(_UNCOMPRESSED):
+            log.info(
+                "instance %s re-encoded from %s by pynetdicom: the receiver took %s",
+                item.sop_instance_uid,
+                stored,
+                ", ".join(sorted(syntaxes)),
+            )
+            return ds
+        if syntaxes & set(_UNCOMPRESSED):
+            try:
+                ds.decompress()
+            except Exception:
+                log.exception("cannot decompress %s for a receiver", item.sop_instance_uid)
+                return _unsendable(item)
+            log.warning(
+                "instance %s transcoded from %s to %s: the receiver refused the stored syntax",
+                item.sop_instance_uid,
+                stored,
+                ds.file_meta.TransferSyntaxUID,
+            )
+            return ds
+        log.warning(
+            "instance %s not sent: the receiver accepted no context for SOP class %s",
+            item.sop_instance_uid,
+            item.sop_class_uid,
+        )
+        return _unsendable(item)
+
+    def _audit(self, access: PeerAccess, event: str, outcome: int, detail: str) -> None:
+        try:
+            audit.record(
+                self.hub, event, access.principal, outcome=outcome,
+                clinic_id=access.clinic_id, detail=detail,
+            )  # fmt: skip
+        except Exception:
+            log.exception("cannot write the %s audit record for %s", event, access.principal.name)
+
+    def _audit_retrieve(self, access: PeerAccess, items: list[StoredInstance], how: str) -> None:
+        """One `dicom-retrieve` per study (BALP "DICOM Instances Transferred")."""
+        counts = Counter((i.study_pk, i.patient_pk, i.study_instance_uid) for i in items)
+        for (study_pk, patient_pk, uid), count in counts.items():
+            try:
+                audit.record(
+                    self.hub, "dicom-retrieve", access.principal, entity_type="Study",
+                    entity_id=study_pk, clinic_id=access.clinic_id, patient_pk=patient_pk,
+                    detail=f"{how} instances={count} study_instance_uid={uid}",
+                )  # fmt: skip
+            except Exception:
+                log.exception("cannot write the dicom-retrieve audit record")
+
+
+def _move_contexts(items: list[StoredInstance]) -> list[PresentationContext]:
+    """Per SOP class: one context per stored transfer syntax, and an uncompressed fallback."""
+    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in items})
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+    for sop_class in sorted({i.sop_class_uid for i in items}):
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    if len(contexts) > MAX_MOVE_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; proposing 128", len(contexts))
+    return contexts[:MAX_MOVE_CONTEXTS]
+
+
+def _unsendable(item: StoredInstance) -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID = item.sop_instance_uid  # no SOP Class: pynetdicom refuses to send it
+    return ds
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A status with an Error Comment, as pynetdicom takes it from a handler."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds

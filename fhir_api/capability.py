@@ -1,0 +1,108 @@
+"""The CapabilityStatement: exactly the interactions and search parameters served."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from fhir_api.search import PARAMS
+from fhir_api.tasks import SEARCH_PARAMS as TASK_PARAMS
+from saf.auth_http import TOKEN_PATH
+from saf.fhir_store import STORED_TYPES
+from saf.hub import Hub
+
+INTERACTIONS: Final = ("read", "vread", "create", "update", "delete", "history-instance")
+"""Type-level and instance-level interactions of every stored type (plus search-type)."""
+
+_PARAM_TYPES: Final = {
+    "_id": "token",
+    "_lastUpdated": "date",
+    "identifier": "token",
+    "patient": "reference",
+    "subject": "reference",
+    "status": "token",
+}
+
+
+_TASK_PARAM_TYPES: Final = {
+    "_id": "token",
+    "status": "token",
+    "priority": "token",
+    "owner": "reference",
+    "performer-type": "token",
+    "_lastUpdated": "date",
+}
+
+
+def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
+    """The server's CapabilityStatement (R4 4.0.1, JSON, SMART Backend Services)."""
+    root = base.removesuffix("/fhir")
+    resources = [
+        {
+            "type": resource_type,
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": False,
+            "conditionalCreate": True,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "interaction": [{"code": code} for code in (*INTERACTIONS, "search-type")],
+            "searchParam": [
+                {"name": name, "type": _PARAM_TYPES[name]} for name in PARAMS[resource_type]
+            ],
+        }
+        for resource_type in STORED_TYPES
+    ]
+    resources.append(
+        {
+            "type": "Task",
+            "documentation": "A case: its status is the case status. Read and search only.",
+            "versioning": "versioned",
+            "readHistory": False,
+            "updateCreate": False,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": name, "type": _TASK_PARAM_TYPES[name]} for name in TASK_PARAMS
+            ],
+        }
+    )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-27",
+        "kind": "instance",
+        "software": {"name": "saf", "version": "0.1.0"},
+        "implementation": {"description": "saf store-and-forward hub", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/"
+                                    "restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "extension": [
+                        {
+                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/"
+                            "oauth-uris",
+                            "extension": [
+                                {"url": "token", "valueUri": root + TOKEN_PATH},
+                            ],
+                        }
+                    ],
+                    "description": "SMART Backend Services (client_credentials with a signed "
+                    "JWT assertion) and user tokens; see /.well-known/smart-configuration",
+                },
+                "resource": resources,
+            }
+        ],
+    }

@@ -1,0 +1,222 @@
+"""Task: a case as FHIR sees it, read and searched, never stored twice.
+
+A Task is made from the case row (saf.cases), so its status IS the case status: one
+state. ``Task.id`` is the case id; ``versionId`` counts the case's events (each status
+change, routing or claim is one); ``basedOn`` lists the referrals (ServiceRequests) that
+joined the case, ``for`` the FHIR Patient of its patient when a client sent one,
+``performerType`` the worklist (system `WORKLIST_SYSTEM`), ``owner`` the specialist who
+claimed it (by username), ``restriction.period.end`` the due time. Changing a Task (claim,
+progress, reply) is the viewer's and the workers' business for now: read and search only.
+
+Search: ``_id``, ``status``, ``priority``, ``owner`` (a username), ``performer-type``
+(the worklist code, optionally ``system|code``), ``_lastUpdated``, ``_count``,
+``_offset``, ``_sort=_lastUpdated|-_lastUpdated``; a specialist's worklist is
+``Task?performer-type=<worklist>&status=requested``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
+
+from fhir_api.outcome import (
+    FhirError,
+    FhirRoute,
+    check_format,
+    fhir_json,
+    issue,
+    operation_outcome,
+)
+from fhir_api.search import COUNT_DEFAULT, COUNT_MAX, SearchError, last_updated_bounds
+from saf import audit, tenancy
+from saf.deps import CurrentPrincipal, HubDep, require_scope
+from saf.hub import Hub
+from saf.identity import Principal
+from saf.models import Case, CaseEvent, FhirResource
+
+router = APIRouter(tags=["fhir"], route_class=FhirRoute)
+
+WORKLIST_SYSTEM: Final = "urn:saf:worklist"
+"""Code system of Task.performerType: saf's worklist (specialty) names."""
+
+SEARCH_PARAMS: Final = ("_id", "status", "priority", "owner", "performer-type", "_lastUpdated")
+"""Task search parameters (the CapabilityStatement lists these)."""
+
+
+def _instant(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any]:
+    """The Task resource of a case the caller sees (links only to what it also sees)."""
+    versions = session.scalar(select(func.count()).where(CaseEvent.case_id == case.id)) or 0
+    visible = tenancy.visible_fhir_resources(principal).where(FhirResource.deleted.is_(False))
+    referrals = session.scalars(
+        visible.where(
+            FhirResource.resource_type == "ServiceRequest", FhirResource.case_id == case.id
+        ).order_by(FhirResource.last_updated)
+    ).all()
+    patient = session.scalar(
+        visible.where(
+            FhirResource.resource_type == "Patient", FhirResource.patient_pk == case.patient_pk
+        ).order_by(FhirResource.last_updated)
+    )
+    task: dict[str, Any] = {
+        "resourceType": "Task",
+        "id": case.id,
+        "meta": {"versionId": str(max(1, int(versions))), "lastUpdated": _instant(case.updated_at)},
+        "status": case.status,
+        "intent": "order",
+        "priority": case.priority,
+        "code": {"text": "consult"},
+        "authoredOn": _instant(case.created_at),
+        "lastModified": _instant(case.updated_at),
+        "restriction": {"period": {"end": _instant(case.due_at)}},
+    }
+    if referrals:
+        task["basedOn"] = [{"reference": f"ServiceRequest/{r.id}"} for r in referrals]
+        task["focus"] = {"reference": f"ServiceRequest/{referrals[0].id}"}
+    if patient is not None:
+        task["for"] = {"reference": f"Patient/{patient.id}"}
+    if case.specialty:
+        task["performerType"] = [{"coding": [{"system": WORKLIST_SYSTEM, "code": case.specialty}]}]
+    if case.assigned_to:
+        task["owner"] = {"display": case.assigned_to}
+    return task
+
+
+def _base(request: Request, hub: Hub) -> str:
+    root = hub.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+    return root.rstrip("/") + "/fhir"
+
+
+@router.get("/Task")
+def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> Response:
+    """Search the cases the caller sees, as Tasks (a specialist's worklist included)."""
+    check_format(request)
+    require_scope("Task", "s")(principal, request, hub)
+    where: list[ColumnElement[bool]] = []
+    used: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    count, offset, descending = COUNT_DEFAULT, 0, False
+    try:
+        for name, value in request.query_params.multi_items():
+            values = [v for v in value.split(",") if v]
+            if name == "_count":
+                count = max(0, min(COUNT_MAX, int(value)))
+            elif name == "_offset":
+                offset = max(0, int(value))
+            elif name == "_format":
+                continue
+            elif name == "_sort":
+                if value not in ("_lastUpdated", "-_lastUpdated"):
+                    raise SearchError(name, "only _lastUpdated and -_lastUpdated are supported")
+                descending = value.startswith("-")
+                used.append((name, value))
+            elif name not in SEARCH_PARAMS:
+                unknown.append(name)
+            elif values:
+                used.append((name, value))
+                where += _clause(name, values)
+    except ValueError as exc:
+        param = exc.param if isinstance(exc, SearchError) else "_count/_offset"
+        raise FhirError(400, str(exc), expression=[param]) from None
+    if unknown and "handling=strict" in (request.headers.get("prefer") or ""):
+        raise FhirError(400, f"unknown search parameters: {', '.join(unknown)}", expression=unknown)
+    query = tenancy.visible_cases(principal).where(*where)
+    order = (Case.updated_at.desc(), Case.id.desc()) if descending else (Case.updated_at, Case.id)
+    with hub.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        cases = session.scalars(query.order_by(*order).limit(count).offset(offset)).all()
+        tasks = [task_of(session, principal, case) for case in cases]
+    audit.record(
+        hub,
+        "search",
+        principal,
+        entity_type="Task",
+        clinic_id=principal.clinic_id,
+        detail=f"{len(tasks)} of {total} matches",
+    )
+    base = _base(request, hub)
+
+    def link(at: int) -> str:
+        return f"{base}/Task?{urlencode([*used, ('_count', str(count)), ('_offset', str(at))])}"
+
+    links = [{"relation": "self", "url": link(offset)}]
+    if offset + count < total and count > 0:
+        links.append({"relation": "next", "url": link(offset + count)})
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": f"{base}/Task/{t['id']}", "resource": t, "search": {"mode": "match"}}
+        for t in tasks
+    ]
+    if unknown:
+        issues = [
+            issue("not-supported", f"unknown search parameter {n!r} was ignored", [n], "warning")
+            for n in unknown
+        ]
+        entries.append({"resource": operation_outcome(issues), "search": {"mode": "outcome"}})
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": int(total),
+        "link": links,
+        "entry": entries,
+    }
+    return fhir_json(bundle)
+
+
+def _clause(name: str, values: list[str]) -> list[ColumnElement[bool]]:
+    if name == "_id":
+        return [Case.id.in_(values)]
+    if name == "status":
+        return [Case.status.in_(values)]
+    if name == "priority":
+        return [Case.priority.in_(values)]
+    if name == "owner":
+        return [Case.assigned_to.in_([v.removeprefix("Practitioner/") for v in values])]
+    if name == "performer-type":
+        codes = [v.split("|", 1)[1] if "|" in v else v for v in values]
+        return [Case.specialty.in_(codes)]
+    if len(values) > 1:
+        raise SearchError(name, "one value per _lastUpdated (repeat it to AND ranges)")
+    clauses: list[ColumnElement[bool]] = []
+    for op, at in last_updated_bounds(values[0]):
+        column = Case.updated_at
+        clauses.append(column >= at if op == "ge" else column < at)
+    return clauses
+
+
+@router.get("/Task/{task_id}")
+def read_task(task_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep) -> Response:
+    """Read a case as a Task."""
+    check_format(request)
+    require_scope("Task", "r")(principal, request, hub)
+    with hub.sessions() as session:
+        case = tenancy.get_case(session, principal, task_id)
+        task = task_of(session, principal, case) if case is not None else None
+    if case is None or task is None:
+        audit.record(
+            hub,
+            "read",
+            principal,
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Task",
+            entity_id=task_id[:64],
+            detail="not found or not visible to the caller",
+        )
+        raise FhirError(404, f"Task/{task_id} is not known")
+    audit.record(
+        hub,
+        "read",
+        principal,
+        entity_type="Task",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        patient_pk=case.patient_pk,
+    )
+    return fhir_json(task, headers={"ETag": f'W/"{task["meta"]["versionId"]}"'})

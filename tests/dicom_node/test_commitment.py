@@ -1,0 +1,184 @@
+"""Storage Commitment Push Model with pynetdicom as the SCU: the report comes back on the
+same association, or on a new one when the requester hung up; failures say why."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+)
+from sqlalchemy import select
+
+from dicom_node.scp import DicomNode
+from saf.clinics import add_clinic
+from saf.hub import Hub
+from saf.ingest import Sender, ingest_part10
+from saf.models import Instance
+from tests.factories import make_study
+from tests.interop.conftest import free_port
+
+REPORT_TIMEOUT = 15.0
+
+
+@dataclass
+class World:
+    port: int
+    paths: list[Path]
+    clinic_id: str
+
+
+@pytest.fixture
+def world(hub: Hub, tmp_path: Path) -> Iterator[World]:
+    clinic = add_clinic(hub, "Clinic A", "MODALITY_A", "127.0.0.1").id
+    add_clinic(hub, "Clinic A", "VIEWER_A", permissions=["find"])
+    paths = make_study(tmp_path / "a", "ct", count=3, size=16, seed=31)
+    for path in paths:
+        ingest_part10(hub, path, Sender(clinic, "test:a"))
+    node = DicomNode(hub)
+    node.start()
+    try:
+        yield World(node.address[1], paths, clinic)
+    finally:
+        node.stop()
+
+
+def _request(refs: list[tuple[str, str]]) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = generate_uid()
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def _refs(paths: list[Path]) -> list[tuple[str, str]]:
+    out = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        out.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return out
+
+
+def _reported(reports: queue.Queue[tuple[int, Dataset]]) -> tuple[int, Dataset]:
+    return reports.get(timeout=REPORT_TIMEOUT)
+
+
+def _on_report(reports: queue.Queue[tuple[int, Dataset]]):  # type: ignore[no-untyped-def]
+    def handler(event: evt.Event) -> tuple[int, None]:
+        reports.put((int(event.request.EventTypeID), event.event_information))
+        return 0x0000, None
+
+    return handler
+
+
+def _commit(port: int, calling: str, request: Dataset, reports: queue.Queue, *, keep: bool) -> int:  # type: ignore[type-arg]
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="SAF",
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, _on_report(reports))],
+    )
+    assert assoc.is_established
+    status, _ = assoc.send_n_action(
+        request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+    )
+    if keep:
+        _reported_keep = _reported(reports)
+        reports.put(_reported_keep)
+    assoc.release()
+    return int(status.Status)
+
+
+def test_commit_on_the_same_association(world: World) -> None:
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    request = _request(_refs(world.paths))
+    assert _commit(world.port, "MODALITY_A", request, reports, keep=True) == 0x0000
+    event_type, info = _reported(reports)
+    assert event_type == 1
+    assert info.TransactionUID == request.TransactionUID
+    assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(
+        uid for _, uid in _refs(world.paths)
+    )
+    assert "FailedSOPSequence" not in info
+
+
+def test_unknown_and_tampered_instances_fail_with_reasons(hub: Hub, world: World) -> None:
+    refs = _refs(world.paths)
+    tampered_uid = refs[0][1]
+    with hub.sessions() as session:
+        blob_id = session.scalar(
+            select(Instance.blob_id).where(Instance.sop_instance_uid == tampered_uid)
+        )
+    assert blob_id is not None
+    blob_path = next(p for p in hub.settings.data_dir.rglob(blob_id) if p.is_file())
+    data = bytearray(blob_path.read_bytes())
+    data[-100] ^= 0xFF
+    blob_path.write_bytes(bytes(data))
+    unknown = (CTImageStorage, generate_uid())
+    wrong_class = ("1.2.840.10008.5.1.4.1.1.4", refs[1][1])  # MR, but stored as CT
+
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    request = _request([refs[0], refs[2], unknown, wrong_class])
+    assert _commit(world.port, "MODALITY_A", request, reports, keep=True) == 0x0000
+    event_type, info = _reported(reports)
+    assert event_type == 2
+    assert [i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence] == [refs[2][1]]
+    failed = {i.ReferencedSOPInstanceUID: int(i.FailureReason) for i in info.FailedSOPSequence}
+    assert failed == {tampered_uid: 0x0110, unknown[1]: 0x0112, refs[1][1]: 0x0119}
+
+
+def test_report_on_a_new_association_when_the_requester_hung_up(hub: Hub, world: World) -> None:
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    listen = free_port()
+    add_clinic(hub, "Clinic A", "MODALITY_A", "127.0.0.1", port=listen)
+    scu = AE(ae_title="MODALITY_A")
+    scu.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = scu.start_server(
+        ("127.0.0.1", listen),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, _on_report(reports))],
+    )
+    try:
+        request = _request(_refs(world.paths[:2]))
+        assert _commit(world.port, "MODALITY_A", request, reports, keep=False) == 0x0000
+        event_type, info = _reported(reports)
+    finally:
+        server.shutdown()  # type: ignore[union-attr]
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 2
+
+
+def test_other_clinics_instances_do_not_exist(hub: Hub, world: World, tmp_path: Path) -> None:
+    other = add_clinic(hub, "Clinic B", "MODALITY_B", "127.0.0.1").id
+    [path] = make_study(tmp_path / "b", "ct", count=1, size=16, seed=32)
+    ingest_part10(hub, path, Sender(other, "test:b"))
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    assert _commit(world.port, "MODALITY_A", _request(_refs([path])), reports, keep=True) == 0
+    event_type, info = _reported(reports)
+    assert event_type == 2 and int(info.FailedSOPSequence[0].FailureReason) == 0x0112
+
+
+def test_peer_without_store_permission_gets_no_commitment_context(world: World) -> None:
+    ae = AE(ae_title="VIEWER_A")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    role = build_role(StorageCommitmentPushModel, scu_role=True)
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="SAF", ext_neg=[role])
+    assert not assoc.is_established or not assoc.accepted_contexts
+    if assoc.is_established:
+        assoc.release()
