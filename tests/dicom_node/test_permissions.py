@@ -36,11 +36,9 @@ QR_CONTEXTS = (
 
 @contextmanager
 def node_with_query_retrieve(hub: Hub) -> Iterator[int]:
-    """A node that also offers Q/R contexts, as it will once C-FIND/MOVE/GET exist; yields
-    the port. Negotiation is what is tested here, not the (absent) handlers."""
+    """A running node (it offers the Q/R contexts); yields the port. Negotiation is what is
+    tested here; tests/dicom_node/test_qr.py tests the handlers."""
     node = DicomNode(hub)
-    for uid in QR_CONTEXTS:
-        node.ae.add_supported_context(uid)
     node.start()
     try:
         yield node.address[1]
