@@ -470,3 +470,50 @@ class FhirToken(Base):
     param: Mapped[str] = mapped_column(String(32))
     system: Mapped[str] = mapped_column(String(255), default="")
     value: Mapped[str] = mapped_column(String(255))
+
+
+class ForwardJob(Base):
+    """One study to send to one forwarding destination (saf.forwarding): its own retry
+    schedule, so a destination that is down delays only its own jobs."""
+
+    __tablename__ = "forward_job"
+    __table_args__ = (
+        UniqueConstraint("destination", "study_pk", name="uq_forward_job_destination_study_pk"),
+        Index("ix_forward_job_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(255), index=True)
+    """The destination URL as the rules name it (dicom://AET@host:port or https://...)."""
+    study_pk: Mapped[str] = mapped_column(ForeignKey("study.id"), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    """Name of the (first) forwarding rule that queued the job."""
+    token_env: Mapped[str | None] = mapped_column(String(64))
+    """Environment variable holding the bearer token of a DICOMweb destination."""
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending, sending, done or failed."""
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    """+1 each time the study is queued again (it changed); a send that started on an
+    older generation does not mark the job done."""
+    study_stable_at: Mapped[datetime | None] = mapped_column(default=None)
+    """The study's stable_at when queued: the same value again is a redelivered event."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    instances_total: Mapped[int] = mapped_column(Integer, default=0)
+    instances_sent: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(256))
+    """Why the last attempt failed: status codes, AE titles, counts; never PHI."""
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    """Start of the retry window (SAF_FORWARD_MAX_AGE_SECONDS)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ForwardAck(Base):
+    """An instance version the destination of a job acknowledged (not sent again on retry)."""
+
+    __tablename__ = "forward_ack"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("forward_job.id"), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instance.id"), primary_key=True)
+    acked_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,14 +1,18 @@
 """Query matching on the index: a DICOM identifier in, matching identifiers (or instances) out.
 
-Used by C-FIND, C-MOVE and C-GET (dicom_node.qr) and meant for QIDO-RS: one matcher. It
-reads the index only (never a blob) and every query starts from saf.tenancy, so a
-caller sees its own rows and nothing else.
+Used by C-FIND, C-MOVE and C-GET (dicom_node.qr) and by QIDO-RS (dicom_node.dicomweb.qido):
+one matcher. It reads the index only (never a blob) and every query starts from
+saf.tenancy, so a caller sees its own rows and nothing else. Queries are relational at
+every level (keys of the levels above the query level narrow it, as QIDO-RS's
+``/series`` and ``/instances`` need and C-FIND's relational queries allow), and answers
+carry the computed counts of every level they reach.
 
 Matching (PS3.4 C.2.2.2): single value, wildcard (``*``, ``?``), range for dates and
 times (``20240101-20240131``, ``-20240131``, ``20240101-``), a list of UIDs (and of
 Modality / ModalitiesInStudy values, backslash-separated) and universal matching (an
 empty value). Matching is case-sensitive, as the standard asks, except PatientName,
-which is case-insensitive, as PACS do. SQL's LIKE is case-insensitive on SQLite and not
+which is case-insensitive, as PACS do; a PatientName without wildcards matches the whole
+name (trailing empty components aside), not one of its components. SQL's LIKE is case-insensitive on SQLite and not
 on PostgreSQL, so every row SQL returns is checked again here; both databases give
 the same answer.
 
@@ -137,6 +141,10 @@ def _pad_time(value: str, fill: str) -> str:
     return f"{main}.{fraction}" if fraction else main
 
 
+_DATE: Final = re.compile(r"\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8}")
+"""A DA matching value: a date or a range of dates (PS3.4 C.2.2.2.5)."""
+
+
 def parse_matcher(values: Sequence[str], vr: str, *, allow_list: bool = False) -> Matcher | None:
     """The matcher for a key's value(s); None for universal matching (empty value).
 
@@ -151,6 +159,8 @@ def parse_matcher(values: Sequence[str], vr: str, *, allow_list: bool = False) -
             raise QueryError(IDENTIFIER_MISMATCH, f"a {vr} key takes one value, not a list")
         return Matcher("list", values)
     value = values[0]
+    if vr == "DA" and not _DATE.fullmatch(value):
+        raise QueryError(IDENTIFIER_MISMATCH, f"date {value!r}: use YYYYMMDD or a range of them")
     if vr in ("DA", "TM", "DT") and "-" in value:
         low, _, high = value.partition("-")
         if not low and not high:

@@ -8,6 +8,7 @@ from saf import fhir_store
 from saf.crypto import value_key_id
 from saf.hub import Hub
 from saf.identity import SYSTEM, Principal
+from saf.keys import rotate
 from saf.models import FhirVersion
 from saf.routing import default_rules
 from tests.factories import make_clinic
@@ -34,6 +35,16 @@ def test_reseal_moves_every_version_to_the_new_key(hub: Hub) -> None:
     assert {value_key_id(t) for t in tokens if t} == {new_key}
     old = fhir_store.vread(hub, ehr, "Practitioner", first.id, 1)
     assert old.content is not None and old.content["active"] is True
+
+
+def test_saf_keys_rotate_reseals_fhir_content(hub: Hub) -> None:
+    ehr = _ehr(hub, "Clinic A")
+    fhir_store.create(hub, ehr, {"resourceType": "Practitioner", "active": True}, default_rules())
+    report = rotate(hub)
+    assert report.fields_resealed >= 1
+    with hub.sessions() as session:
+        tokens = session.scalars(select(FhirVersion.content_sealed)).all()
+    assert {value_key_id(t) for t in tokens if t} == {report.new_key_id}
 
 
 def test_the_hub_sees_all_and_other_clinics_nothing(hub: Hub) -> None:
