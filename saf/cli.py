@@ -46,6 +46,12 @@ app.add_typer(user_app, name="user")
 app.add_typer(client_app, name="client")
 audit_app = typer.Typer(help="The audit trail: who touched what, when.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+forward_app = typer.Typer(help="Forwarding to PACS and archives: queues, retry, rules.",
+                          no_args_is_help=True)  # fmt: skip
+forward_rules_app = typer.Typer(help="Forwarding rules: which studies go where.",
+                                no_args_is_help=True)  # fmt: skip
+forward_app.add_typer(forward_rules_app, name="rules")
+app.add_typer(forward_app, name="forward")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -182,7 +188,7 @@ def worker(
     ctx: typer.Context,
     concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once.")] = 2,
 ) -> None:
-    """Run a Celery worker and the outbox dispatcher (thumbnails, cases, routing)."""
+    """Run a Celery worker, the outbox dispatcher (thumbnails, cases, routing), the forwarder."""
     from celery.signals import worker_ready
 
     from saf.outbox import Dispatcher
@@ -195,9 +201,15 @@ def worker(
     dispatcher = Dispatcher(
         hub, lambda event_id: tasks.handle_outbox_event.apply_async(args=[event_id], queue=QUEUE)
     )
+    forwarder = _make_forwarder(hub)
+
     # Publish only once this worker consumes: its queue is declared by then, and a
     # message published to an undeclared queue could be dropped by the broker.
-    worker_ready.connect(lambda **_: dispatcher.start(), weak=False)
+    def _on_ready(**_: Any) -> None:
+        dispatcher.start()
+        forwarder.start()
+
+    worker_ready.connect(_on_ready, weak=False)
     out.print(f"worker on {_broker_label(hub.settings.effective_broker_url)}", highlight=False)
     try:
         celery_app.worker_main(
@@ -206,6 +218,20 @@ def worker(
         )  # fmt: skip
     finally:
         dispatcher.stop()
+        forwarder.stop()
+
+
+def _make_forwarder(hub: Hub) -> Any:
+    """The forwarding sender loop; fails now if the forwarding rules file is broken."""
+    from dicom_node.forward import make_transport
+    from saf.forwarding import Forwarder, rules_in_force
+    from saf.routing import RulesError
+
+    try:
+        rules_in_force(hub)
+    except RulesError as exc:
+        fail(str(exc), code=1)
+    return Forwarder(hub, make_transport(hub.settings.ae_title))
 
 
 def _broker_label(url: str) -> str:
@@ -800,6 +826,82 @@ def rules_check(
 ) -> None:
     """Validate a rules file; exit 1 with the line and reason if it is broken."""
     rules = _load_rules_or_fail(_rules_path(ctx, path), explicit=path is not None)
+    out.print(f"{rules.source}: {len(rules.rules)} rule(s), OK", highlight=False)
+
+
+@forward_app.command("status")
+def forward_status(ctx: typer.Context) -> None:
+    """Each destination's queue: jobs by state, most attempts, next attempt, last error."""
+    from saf.forwarding import status
+
+    rows = status(open_hub(ctx))
+    table = Table("destination", "pending", "sending", "done", "failed", "attempts",
+                  "next attempt (UTC)", "last error", title="forwarding")  # fmt: skip
+    for r in rows:
+        next_at = r.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if r.next_attempt_at else ""
+        table.add_row(r.destination, str(r.pending), str(r.sending), str(r.done),
+                      f"[red]{r.failed}[/]" if r.failed else "0", str(r.attempts), next_at,
+                      r.last_error or "")  # fmt: skip
+    if not rows:
+        out.print("no forwarding jobs")
+        return
+    out.print(table)
+
+
+@forward_app.command("retry")
+def forward_retry(
+    ctx: typer.Context,
+    destination: Annotated[
+        str | None, typer.Option(help="Only this destination (as in `saf forward status`).")
+    ] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Only jobs that gave up.")] = False,
+) -> None:
+    """Make waiting jobs due now; failed ones start a fresh retry window."""
+    from saf.forwarding import retry
+
+    count = retry(open_hub(ctx), destination=destination, failed_only=failed)
+    out.print(f"{count} job(s) due now", highlight=False)
+
+
+def _forward_rules_or_fail(ctx: typer.Context, path: Path | None) -> Any:
+    from saf.forwarding import load_forward_rules
+    from saf.routing import RulesError
+
+    path = path or settings_from(ctx).forwarding_path
+    try:
+        return load_forward_rules(path)
+    except RulesError as exc:
+        fail(str(exc), code=1)
+
+
+@forward_rules_app.command("show")
+def forward_rules_show(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None, typer.Option(help="Rules file [<data dir>/forwarding.toml].")
+    ] = None,
+) -> None:
+    """The forwarding rules in force; every matching rule applies (not just the first)."""
+    rules = _forward_rules_or_fail(ctx, path)
+    table = Table("#", "name", "events", "clinic", "modality", "destination",
+                  title=f"forwarding rules ({rules.source})")  # fmt: skip
+    for n, rule in enumerate(rules.rules, start=1):
+        table.add_row(str(n), rule.name, ",".join(sorted(rule.events)),
+                      ",".join(sorted(rule.clinic or ())) or "(any)",
+                      ",".join(sorted(rule.modality or ())) or "(any)",
+                      rule.destination.url)  # fmt: skip
+    out.print(table)
+
+
+@forward_rules_app.command("check")
+def forward_rules_check(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None, typer.Option(help="Rules file [<data dir>/forwarding.toml].")
+    ] = None,
+) -> None:
+    """Validate the forwarding rules; exit 1 with the line and reason if broken."""
+    rules = _forward_rules_or_fail(ctx, path)
     out.print(f"{rules.source}: {len(rules.rules)} rule(s), OK", highlight=False)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saf.cases import on_study_stable
+from saf.forwarding import enqueue_study
 from saf.hub import Hub
 from saf.routing import RuleSet
 from saf.thumbnails import ThumbnailReport, make_study_thumbnails
@@ -31,9 +32,13 @@ class CompletedStudy:
 
 
 def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
-    """Render the study's thumbnails, then make or join its case and route it."""
+    """Render the study's thumbnails, make or join its case and route it, then queue it for
+    the forwarding destinations whose rules match."""
     thumbnails = make_study_thumbnails(hub, study_id)
     case_id = on_study_stable(hub, study_id, rules)
+    # Queued after the case so a forwarding failure never delays the specialist; the
+    # sending itself happens in the forwarder, per destination (saf.forwarding).
+    enqueue_study(hub, study_id, "study.stable")
     log.info(
         "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s)",
         study_id,

@@ -12,9 +12,9 @@ times (``20240101-20240131``, ``-20240131``, ``20240101-``), a list of UIDs (and
 Modality / ModalitiesInStudy values, backslash-separated) and universal matching (an
 empty value). Matching is case-sensitive, as the standard asks, except PatientName,
 which is case-insensitive, as PACS do; a PatientName without wildcards matches the whole
-name (trailing empty components aside), not one of its components. SQL's LIKE is case-insensitive on SQLite and not
-on PostgreSQL, so every row SQL returns is checked again here; both databases give
-the same answer.
+name (trailing empty components aside), not one of its components. SQL's LIKE is
+case-insensitive on SQLite and not on PostgreSQL, so every row SQL returns is checked
+again here; both databases give the same answer.
 
 PatientName and PatientBirthDate are sealed in the index (saf.crypto.seal_value), so
 SQL cannot match them: the other keys narrow the rows in SQL, then the patient's values
@@ -27,6 +27,7 @@ with a newer version at the same clinic are left out of matches and counts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,11 +41,13 @@ from pydicom.multival import MultiValue
 from sqlalchemy import ColumnElement, Select, and_, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from saf.crypto import open_value
+from saf.crypto import CryptoError, open_value
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import Instance, Patient, Series, Study
 from saf.tenancy import visible_instances, visible_patients, visible_series, visible_studies
+
+log = logging.getLogger(__name__)
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 Model = Literal["patient", "study"]
@@ -429,9 +432,15 @@ class _Sealed:
                 token, context = patient.name_sealed, "patient.name"
             else:
                 token, context = patient.birth_date_sealed, "patient.birth_date"
-            self._cache[key] = (
-                open_value(self.hub.keyring, token, context=context) if token else None
-            )
+            try:
+                self._cache[key] = (
+                    open_value(self.hub.keyring, token, context=context) if token else None
+                )
+            except (CryptoError, ValueError):
+                # One damaged value must not fail every search that reaches its patient:
+                # it matches nothing and answers empty; saf fsck reports it.
+                log.warning("sealed %s of patient %s cannot be opened", context, patient.id)
+                self._cache[key] = None
         return self._cache[key]
 
 
@@ -465,14 +474,35 @@ def _needs_python(query: _Query) -> bool:
     return any(KEYS[k].kind == "sealed" for k in query.matchers)
 
 
+def _exact_in_sql(query: _Query) -> bool:
+    """Whether SQL's rows are the final answer (nothing is checked again in Python)."""
+    return not any(
+        KEYS[k].kind == "sealed" or (KEYS[k].kind == "text" and m.kind == "wildcard")
+        for k, m in query.matchers.items()
+    )
+
+
 def _matched_rows(
-    session: Session, hub: Hub, principal: Principal, query: _Query, limit: int
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    query: _Query,
+    limit: int,
+    offset: int = 0,
 ) -> tuple[list[_Row], bool, _Sealed]:
-    """Matching rows (at most `limit`) and whether more were left out."""
+    """Matching rows (at most `limit`, after skipping `offset` matches) and whether more
+    were left out."""
     sealed = _Sealed(hub)
     rows: list[_Row] = []
     python_only = _needs_python(query)
-    result = session.execute(_statement(principal, query))
+    stmt = _statement(principal, query)
+    if _exact_in_sql(query):
+        # SQL's answer is final, so the page is cut there: a deep page reads one page of
+        # rows (and one more, to tell whether more are left), not everything before it.
+        stmt = stmt.offset(offset).limit(limit + 1)
+        offset = 0
+    skipped = 0
+    result = session.execute(stmt)
     for scanned, row in enumerate(_rows(result, query.level), start=1):
         if python_only and scanned > MAX_SCANNED:
             raise QueryError(
@@ -480,6 +510,9 @@ def _matched_rows(
                 "too many candidates for PatientName/PatientBirthDate: add more keys",
             )
         if _matches(row, query, sealed):
+            if skipped < offset:
+                skipped += 1
+                continue
             if len(rows) == limit:
                 return rows, True, sealed
             rows.append(row)
@@ -513,58 +546,67 @@ def _current_instances() -> Select[Any]:
     )
 
 
+def _owner_pk(row: _Row, level: Level) -> str | None:
+    """Primary key of the row's patient, study or series (the owner of `level`'s counts)."""
+    owner = {"PATIENT": row.patient, "STUDY": row.study, "SERIES": row.series}.get(level)
+    return None if owner is None else str(owner.id)
+
+
+def _count_statements(level: Level) -> dict[str, Callable[[Sequence[str]], Select[Any]]]:
+    """Per computed count of `level`: (owner primary key, count) for a chunk of owners."""
+    if level == "PATIENT":
+        pcol: Any = Study.patient_pk
+        return {
+            "NumberOfPatientRelatedStudies": lambda c: select(pcol, func.count(Study.id))
+            .where(pcol.in_(c)).group_by(pcol),
+            "NumberOfPatientRelatedSeries": lambda c: select(pcol, func.count(Series.id))
+            .join(Series, Series.study_pk == Study.id).where(pcol.in_(c)).group_by(pcol),
+            "NumberOfPatientRelatedInstances": lambda c: _current_instances()
+            .with_only_columns(pcol, func.count(Instance.id)).where(pcol.in_(c)).group_by(pcol),
+        }  # fmt: skip
+    if level == "STUDY":
+        scol: Any = Series.study_pk
+        return {
+            "NumberOfStudyRelatedSeries": lambda c: select(scol, func.count(Series.id))
+            .where(scol.in_(c)).group_by(scol),
+            "NumberOfStudyRelatedInstances": lambda c: _current_instances()
+            .with_only_columns(scol, func.count(Instance.id)).where(scol.in_(c)).group_by(scol),
+        }  # fmt: skip
+    if level == "SERIES":
+        icol: Any = Instance.series_pk
+        return {
+            "NumberOfSeriesRelatedInstances": lambda c: _current_instances()
+            .with_only_columns(icol, func.count(Instance.id)).where(icol.in_(c)).group_by(icol),
+        }  # fmt: skip
+    return {}
+
+
 def _computed(
     session: Session, level: Level, rows: list[_Row], wanted: set[str]
 ) -> dict[str, dict[str, Any]]:
-    """Computed attributes per row id (patient, study or series primary key)."""
+    """Computed attributes per owner primary key (patient, study or series), for every
+    level the query reaches: an IMAGE answer may carry its study's counts (QIDO-RS)."""
     out: dict[str, dict[str, Any]] = defaultdict(dict)
-    if level == "PATIENT":
-        ids = [r.patient.id for r in rows]
-        col: Any = Study.patient_pk
-        targets = {
-            "NumberOfPatientRelatedStudies": lambda c: select(col, func.count(Study.id))
-            .where(col.in_(c)).group_by(col),
-            "NumberOfPatientRelatedSeries": lambda c: select(col, func.count(Series.id))
-            .join(Series, Series.study_pk == Study.id).where(col.in_(c)).group_by(col),
-            "NumberOfPatientRelatedInstances": lambda c: _current_instances()
-            .with_only_columns(col, func.count(Instance.id)).where(col.in_(c)).group_by(col),
-        }  # fmt: skip
-    elif level == "STUDY":
-        ids = [r.study.id for r in rows if r.study is not None]
-        col = Series.study_pk
-        targets = {
-            "NumberOfStudyRelatedSeries": lambda c: select(col, func.count(Series.id))
-            .where(col.in_(c)).group_by(col),
-            "NumberOfStudyRelatedInstances": lambda c: _current_instances()
-            .with_only_columns(col, func.count(Instance.id)).where(col.in_(c)).group_by(col),
-        }  # fmt: skip
-    elif level == "SERIES":
-        ids = [r.series.id for r in rows if r.series is not None]
-        col = Instance.series_pk
-        targets = {
-            "NumberOfSeriesRelatedInstances": lambda c: _current_instances()
-            .with_only_columns(col, func.count(Instance.id)).where(col.in_(c)).group_by(col),
-        }  # fmt: skip
-    else:
-        return out
-    for keyword, stmt in targets.items():
-        if keyword in wanted:
-            counts = _counts(session, stmt, ids)
+    for owner_level in _levels_upto(level):
+        ids = sorted({pk for r in rows if (pk := _owner_pk(r, owner_level)) is not None})
+        for keyword, stmt in _count_statements(owner_level).items():
+            if keyword in wanted:
+                counts = _counts(session, stmt, ids)
+                for pk in ids:
+                    out[pk][keyword] = counts.get(pk, 0)
+        if owner_level == "STUDY" and "ModalitiesInStudy" in wanted:
+            modalities: dict[str, set[str]] = defaultdict(set)
+            for chunk in _chunks(ids):
+                pairs = session.execute(
+                    select(Series.study_pk, Series.modality)
+                    .where(Series.study_pk.in_(chunk))
+                    .distinct()
+                )
+                for pk, modality in pairs:
+                    if modality:
+                        modalities[str(pk)].add(str(modality))
             for pk in ids:
-                out[pk][keyword] = counts.get(pk, 0)
-    if level == "STUDY" and "ModalitiesInStudy" in wanted:
-        modalities: dict[str, set[str]] = defaultdict(set)
-        for chunk in _chunks(ids):
-            pairs = session.execute(
-                select(Series.study_pk, Series.modality)
-                .where(Series.study_pk.in_(chunk))
-                .distinct()
-            )
-            for pk, modality in pairs:
-                if modality:
-                    modalities[str(pk)].add(str(modality))
-        for pk in ids:
-            out[pk]["ModalitiesInStudy"] = sorted(modalities[pk])
+                out[pk]["ModalitiesInStudy"] = sorted(modalities[pk])
     return out
 
 
@@ -572,7 +614,11 @@ def _computed(
 
 
 def _answer(
-    row: _Row, query: _Query, sealed: _Sealed, computed: dict[str, Any], retrieve_aet: str
+    row: _Row,
+    query: _Query,
+    sealed: _Sealed,
+    computed: dict[str, dict[str, Any]],
+    retrieve_aet: str,
 ) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = CHARACTER_SET
@@ -584,7 +630,8 @@ def _answer(
         value: Any = None
         if key is not None and key.level in _levels_upto(query.level):
             if key.kind == "computed":
-                value = computed.get(keyword)
+                pk = _owner_pk(row, key.level)
+                value = computed.get(pk, {}).get(keyword) if pk is not None else None
             elif key.kind == "int":
                 text = _text_value(row, keyword, sealed)
                 value = int(text) if text is not None else None
@@ -615,23 +662,21 @@ def find(
     model: Model = "study",
     *,
     limit: int = MAX_MATCHES,
+    offset: int = 0,
 ) -> FindResult:
     """Match a C-FIND (or QIDO-RS) identifier against what `principal` may see.
 
-    Raises QueryError (with the DIMSE status) for an identifier that cannot be matched.
+    `offset` matches are skipped and at most `limit` returned (QIDO-RS paging; the order
+    is stable: study date and time, then UIDs). Raises QueryError (with the DIMSE status)
+    for an identifier that cannot be matched.
     """
     query = _parse(identifier, model)
     wanted = {elem.keyword for elem in query.requested}
     with hub.sessions() as session:
-        rows, truncated, sealed = _matched_rows(session, hub, principal, query, limit)
+        rows, truncated, sealed = _matched_rows(session, hub, principal, query, limit, offset)
         computed = _computed(session, query.level, rows, wanted)
-        answers = []
-        for row in rows:
-            pk = {"PATIENT": row.patient.id}.get(query.level) or (
-                row.study.id if query.level == "STUDY" and row.study else
-                row.series.id if row.series else ""
-            )  # fmt: skip
-            answers.append(_answer(row, query, sealed, computed.get(pk, {}), hub.settings.ae_title))
+        retrieve_aet = hub.settings.ae_title
+        answers = [_answer(row, query, sealed, computed, retrieve_aet) for row in rows]
         study_pks = sorted({r.study.id for r in rows if r.study is not None})
     return FindResult(answers, truncated, query.level, study_pks)
 

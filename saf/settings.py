@@ -115,6 +115,22 @@ class Settings(BaseSettings):
     """Seconds after which an event published but not completed (its worker died, or the
     broker lost the message) is published again."""
 
+    forward_poll_interval: float = Field(default=1.0, gt=0)
+    """How often the forwarder looks for due forwarding jobs (saf.forwarding)."""
+
+    forward_retry_base_seconds: float = Field(default=30.0, gt=0)
+    """Wait before the first retry of a failed forward; doubles each attempt (with jitter)."""
+
+    forward_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    """Longest wait between two attempts of one forwarding job."""
+
+    forward_max_age_seconds: float = Field(default=259200.0, gt=0)
+    """How long a forwarding job keeps retrying (3 days) before it is failed; `saf forward
+    retry --failed` starts it again."""
+
+    forward_lease_seconds: float = Field(default=900.0, gt=0)
+    """A job in `sending` without progress for this long (its worker died) is taken again."""
+
     public_url: str | None = None
     """External base URL of the HTTP app (e.g. https://hub.example.org); client assertions
     must name <public_url>/auth/token as `aud`. Unset: the URL the request came to."""
@@ -206,6 +222,11 @@ class Settings(BaseSettings):
     def rules_path(self) -> Path:
         """The routing rules file (see saf.routing)."""
         return self.data_dir / RULES_FILENAME
+
+    @property
+    def forwarding_path(self) -> Path:
+        """The forwarding rules file (see saf.forwarding)."""
+        return self.data_dir / "forwarding.toml"
 
     @property
     def blob_dir(self) -> Path:

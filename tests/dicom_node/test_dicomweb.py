@@ -145,7 +145,9 @@ def test_study_search_sees_only_the_callers_clinic(site: Site) -> None:
 MATCHING: list[tuple[dict[str, str], set[str]]] = [
     ({"PatientName": "alpha^anna"}, {"ct"}),
     ({"PatientName": "ALPHA*"}, {"ct", "mr"}),
-    ({"PatientName": "albert"}, {"mr"}),  # one name component, case-insensitive
+    ({"PatientName": "albert"}, set()),  # no wildcard: the whole name (PS3.4 C.2.2.2.1)
+    ({"PatientName": "*^albert"}, {"mr"}),  # a component, case-insensitive
+    ({"PatientName": "alpha^anna^^"}, {"ct"}),  # trailing empty components do not count
     ({"00100010": "*ANN?"}, {"ct"}),
     ({"PatientName": "BRAVO*"}, set()),  # clinic B's patient: as if absent
     ({"PatientID": "PA2"}, {"mr"}),
@@ -212,6 +214,67 @@ def test_series_and_instance_search(site: Site) -> None:
     assert value(instances[0], "00280010") == 64
     assert [value(i, "00080018") for i in one] == [uids(site.ct[1])[2]]
     assert value(one[0], "0020000D") == study
+
+
+def test_qido_matching_is_c_finds(site: Site) -> None:
+    # saf.query matches QIDO-RS as it matches C-FIND: wildcards (case-sensitive but for
+    # PatientName), date ranges, UID lists with either separator, relational keys.
+    ct_path, mr_path = site.ct[0], site.mr[0]
+    ct, mr = uids(ct_path)[0], uids(mr_path)[0]
+    ds = dcmread(ct_path, stop_before_pixels=True)
+    date, description = str(ds.StudyDate), str(ds.StudyDescription)
+
+    def studies(query: str) -> set[str]:
+        response = site.client.get(f"/dicomweb/studies?{query}", headers=site.a)
+        assert response.status_code == 200, (query, response.text)
+        return {value(s, "0020000D") for s in response.json()}
+
+    assert studies("PatientID=PA?") == {ct, mr}
+    assert studies("PatientID=pa*") == set()  # case-sensitive, on both databases
+    assert studies(f"StudyDescription={description[:2]}*") >= {ct}
+    assert studies(f"StudyDate={date}-{date}") >= {ct}
+    assert studies(f"StudyDate={int(date) + 1}-") <= {mr}
+    assert studies(f"StudyInstanceUID={ct}\\{mr}") == {ct, mr}
+    assert studies(f"0020000D={mr}") == {mr}
+
+    series = site.client.get("/dicomweb/series?PatientName=alpha^albert", headers=site.a)
+    images = site.client.get(
+        "/dicomweb/instances?Modality=CT&includefield=NumberOfStudyRelatedInstances",
+        headers=site.a,
+    )
+    assert [value(s, "00080060") for s in series.json()] == ["MR"]
+    assert len(images.json()) == 3
+    assert {value(i, "00201208") for i in images.json()} == {3}
+    assert {value(i, "00201209") for i in images.json()} == {3}
+
+
+def test_qido_refuses_values_it_cannot_match(site: Site) -> None:
+    for query in ("StudyDate=2024", "StudyDate=2024-01-01", "SeriesNumber=first"):
+        path = "/dicomweb/series" if "Series" in query else "/dicomweb/studies"
+        response = site.client.get(f"{path}?{query}", headers=site.a)
+
+        assert response.status_code == 400, query
+    below = site.client.get("/dicomweb/studies?Modality=CT", headers=site.a)
+    assert below.status_code == 200 and "not a key of Study searches" in below.headers["warning"]
+    assert len(below.json()) == 2  # ignored, not matched
+
+
+@pytest.mark.parametrize("query", ["", "PatientName=ALPHA*"])
+def test_qido_pages_through_every_match_once(site: Site, query: str) -> None:
+    # Without PatientName the page is cut in SQL; with it, after matching in Python.
+    every = site.client.get(f"/dicomweb/instances?{query}", headers=site.a).json()
+    pages = [
+        site.client.get(f"/dicomweb/instances?{query}&limit=2&offset={n}", headers=site.a)
+        for n in range(0, 6, 2)
+    ]
+
+    assert len(every) == 5
+    assert [i for p in pages for i in p.json()] == every
+    assert ["additional results" in p.headers.get("warning", "") for p in pages] == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_only_the_newest_version_is_searched_and_served(

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import update
 
 from saf.clinics import add_clinic
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.ingest import Sender, ingest_part10
+from saf.models import Patient
 from saf.query import MAX_MATCHES, QueryError, find, parse_matcher, retrieve_instances
 from tests.factories import make_study
 
@@ -262,3 +264,79 @@ def test_parse_matcher() -> None:
         parse_matcher(["A", "B"], "LO")
     with pytest.raises(QueryError):
         parse_matcher(["-"], "DA")
+
+
+def test_patient_name_without_wildcards_is_the_whole_name(
+    hub: Hub, world: dict[str, object]
+) -> None:
+    ct = _uid(world["ct"][0])  # type: ignore[index]
+    a = world["a"]
+    assert _studies(hub, a, PatientName="DOE") == []  # not a component: PS3.4 C.2.2.2.1
+    assert _studies(hub, a, PatientName="john") == []
+    assert _studies(hub, a, PatientName="doe^john^^") == [ct]  # empty components aside
+    assert _studies(hub, a, PatientName="*^john") == [ct]
+
+
+@pytest.mark.parametrize("keys", [{}, {"PatientName": "*"}, {"PatientName": "*o*"}])
+def test_offset_pages_through_every_match_once(
+    hub: Hub, world: dict[str, object], keys: dict[str, str]
+) -> None:
+    # {} is paged in SQL; a PatientName with a wildcard is matched (and paged) in Python.
+    principal = _ae(str(world["a"]))
+    q = _q("STUDY", StudyInstanceUID="", **keys)
+    every = [str(d.StudyInstanceUID) for d in find(hub, principal, q).identifiers]
+    pages = [find(hub, principal, q, limit=2, offset=offset) for offset in (0, 2, 4)]
+
+    assert [str(d.StudyInstanceUID) for p in pages for d in p.identifiers] == every
+    assert [p.truncated for p in pages] == [len(every) > end for end in (2, 4, 6)]
+    assert len(every) == (2 if keys.get("PatientName") == "*o*" else 3)
+
+
+def test_image_level_across_studies_carries_every_levels_counts(
+    hub: Hub, world: dict[str, object]
+) -> None:
+    # QIDO-RS /instances: no StudyInstanceUID, keys of the upper levels narrow the match.
+    q = _q(
+        "IMAGE",
+        Modality="CT",
+        PatientName="doe^john",
+        SOPInstanceUID="",
+        ModalitiesInStudy="",
+        NumberOfStudyRelatedInstances="",
+        NumberOfSeriesRelatedInstances="",
+        NumberOfPatientRelatedStudies="",
+    )
+    images = find(hub, _ae(str(world["a"])), q).identifiers
+
+    assert sorted(str(d.SOPInstanceUID) for d in images) == sorted(
+        _uid(p, "SOPInstanceUID")
+        for p in world["ct"]  # type: ignore[attr-defined]
+    )
+    for ds in images:
+        assert ds.ModalitiesInStudy == "CT"
+        assert int(ds.NumberOfStudyRelatedInstances) == 3
+        assert int(ds.NumberOfSeriesRelatedInstances) == 3
+        assert int(ds.NumberOfPatientRelatedStudies) == 1
+
+
+def test_a_date_that_is_not_a_date_is_refused() -> None:
+    for value in ("last-week", "2024", "20240101-2024", "2024-01-01"):
+        with pytest.raises(QueryError) as err:
+            parse_matcher([value], "DA")
+        assert err.value.status == 0xA900, value
+    assert parse_matcher(["20240101-"], "DA") is not None
+
+
+def test_a_damaged_sealed_name_matches_nothing_and_fails_nothing(
+    hub: Hub, world: dict[str, object]
+) -> None:
+    ct, old = (_uid(world[k][0]) for k in ("ct", "old"))  # type: ignore[index]
+    with hub.sessions() as session:
+        session.execute(
+            update(Patient)
+            .where(Patient.patient_id == "P2", Patient.clinic_id == world["a"])
+            .values(name_sealed="v1.damaged")
+        )
+        session.commit()
+
+    assert _studies(hub, world["a"], PatientName="*^*") == sorted([ct, old])

@@ -1,0 +1,53 @@
+"""DICOMweb (PS3.18) under /dicomweb: QIDO-RS search, WADO-RS retrieve, STOW-RS store.
+
+One module per service, as PS3.18 names them: `qido` (search, matched by saf.query, the
+one matcher C-FIND uses too), `wado` (instances as stored, metadata, frames),
+`rendered` (rendered images and thumbnails), `stow` (store, through saf.ingest, the one
+ingest path); `common` holds what they share and `cors` the browser access.
+
+Every route resolves the caller (saf.deps), asks saf.tenancy what it may see and writes
+an audit record; another tenant's study answers 404 exactly like a missing one. Study,
+series and instance path segments are DICOM UIDs, as the standard has them.
+
+Choices written down:
+
+- QIDO-RS answers from the index (never from blobs), through saf.query: the attributes
+  the index holds are the ones returned (`includefield` adds what the index has; unknown
+  fields are ignored). Matching is PS3.4 C.2.2.2's, as for C-FIND: a PatientName value
+  without wildcards matches the whole name, case-insensitively. No match answers 200
+  with ``[]`` (dicomweb-client and OHIF accept both that and 204).
+- WADO-RS retrieve streams the original stored Part 10 bytes, decrypted chunk by
+  chunk (saf.vault.read), one part per instance; only the newest version of an
+  instance is served. A request for a specific transfer syntax other than the stored
+  one answers 406: the hub does not transcode.
+- Metadata (DICOM JSON) is read from the stored objects (headers only, pixel data
+  skipped), since the index holds a fraction of the attributes, and kept encoded per
+  instance in this process's memory (`wado.metadata_cache`; no table, nothing on disk);
+  gzip when asked.
+- STOW-RS spools each part to a private file and hands it to saf.ingest.ingest_part10,
+  the one ingest path; the answer lists only what ingest committed.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from dicom_node.dicomweb import qido, rendered, stow, wado
+from dicom_node.dicomweb.common import PREFIX, _newest, _newest_version, _Stored
+from dicom_node.dicomweb.cors import DicomwebCORS, cors_origins
+
+router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
+router.include_router(qido.router)
+router.include_router(wado.router)
+router.include_router(rendered.router)
+router.include_router(stow.router)
+
+__all__ = [
+    "PREFIX",
+    "DicomwebCORS",
+    "_Stored",
+    "_newest",
+    "_newest_version",
+    "cors_origins",
+    "router",
+]
