@@ -416,8 +416,14 @@ def find_dicomweb_plugin() -> Path | None:
     for path in DICOMWEB_PLUGIN_PATHS:
         if path.is_file():
             return path
-    listing = first_line(["dpkg", "-L", "orthanc-dicomweb"])  # a stray layout: ask dpkg
-    return Path(listing) if listing.endswith(".so") else None
+    try:  # another layout: ask dpkg where the package put it
+        listing = subprocess.run(
+            ["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
+    except OSError:
+        return None
+    found = [Path(line) for line in listing if re.search(r"libOrthancDicomWeb\.so", line)]
+    return next((path for path in found if path.is_file()), None)
 
 
 class OrthancServer(OrthancReceiver):
@@ -469,7 +475,7 @@ class OrthancServer(OrthancReceiver):
 # --------------------------------------------------------------------------- workloads
 
 
-def get_study(tools: Tools, getscu: str, called_aet: str, port: int, uid: str, out: Path) -> float:
+def get_study(getscu: str, called_aet: str, port: int, uid: str, out: Path) -> float:
     """C-GET one study with ``getscu`` into the empty ``out``; return its wall time."""
     out.mkdir(parents=True)
     argv = [
@@ -542,7 +548,7 @@ def run_retrieval(
                 for name in rotated(max(rep, 0), list(targets)):
                     aet, port, conn, root = targets[name]
                     out = scratch / f"get-{name}-{rep}"
-                    seconds = get_study(tools, getscu, aet, port, uid, out)
+                    seconds = get_study(getscu, aet, port, uid, out)
                     got = sum(1 for p in out.rglob("*") if p.is_file())
                     shutil.rmtree(out)
                     if got != study.count:

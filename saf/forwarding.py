@@ -598,7 +598,8 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
         session.expunge_all()
     outcome = SendOutcome()
     if todo:
-        outcome = _send(hub, destination, todo, token, transport)
+        with _Heartbeat(hub, claim):
+            outcome = _send(hub, destination, todo, token, transport)
     now = utcnow()
     remaining = len(todo) - len(outcome.acked)
     error: str | None = None
@@ -670,6 +671,41 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
     else:
         log.warning("forward job %d to %s: %s (%s)", claim.job_id, claim.destination, error, state)
     return JobResult(claim.job_id, state, len(outcome.acked), remaining, error)
+
+
+class _Heartbeat:
+    """Touches a sending job's updated_at every third of SAF_FORWARD_LEASE_SECONDS, so a
+    long send over a slow link is not taken for a dead worker's and sent again by another."""
+
+    def __init__(self, hub: Hub, claim: Claim) -> None:
+        self._hub, self._claim = hub, claim
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="saf-forward-lease", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._hub.settings.forward_lease_seconds / 3):
+            try:
+                with transaction(self._hub.sessions) as session:
+                    session.execute(
+                        update(ForwardJob)
+                        .where(
+                            ForwardJob.id == self._claim.job_id,
+                            ForwardJob.generation == self._claim.generation,
+                            ForwardJob.state == "sending",
+                        )
+                        .values(updated_at=utcnow())
+                    )
+            except Exception as exc:  # the database is away: the lease may lapse, harmless
+                log.warning("forward job %d lease not renewed: %s", self._claim.job_id,
+                            type(exc).__name__)  # fmt: skip
 
 
 def _send(

@@ -8,23 +8,28 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from dicom_node.forward import make_transport
+from saf.app import create_app
 from saf.forwarding import Forwarder
 from saf.hub import Hub
 from saf.ingest import ingest_part10
-from saf.models import OutboxEvent, utcnow
+from saf.models import Instance, OutboxEvent, utcnow
 from saf.pipeline import handle_event
 from saf.routing import default_rules
+from saf.settings import Settings
 from saf.stability import mark_stable_studies
-from tests.factories import dataset_sha256, make_clinic, make_study
+from tests.factories import dataset_sha256, login_as, make_clinic, make_study
 from tests.interop.conftest import dcmtk_env, free_port
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
@@ -137,3 +142,53 @@ def test_down_destination_gets_everything_once_up_and_never_blocks_the_other(
         _wait("the late destination", lambda: _received(late_out) == expected)
     finally:
         forwarder.stop()
+
+
+def test_stow_rs_forward_to_another_hub_over_real_http(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DICOMweb destination: another saf hub's /dicomweb on a real uvicorn server,
+    with a bearer token from `token_env`; it ends with the same datasets."""
+    dest = Hub.open(Settings(data_dir=tmp_path / "dest"), create=True)
+    make_clinic(dest, "Remote Clinic", "REMOTE")
+    app = create_app(dest)
+    with TestClient(app) as client:
+        headers = login_as(client, "clinician", username="remote", clinic="Remote Clinic")
+    monkeypatch.setenv("SAF_TEST_DEST_TOKEN", headers["Authorization"].removeprefix("Bearer "))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    settings = hub.settings
+    settings.forward_poll_interval = 0.05
+    settings.forwarding_path.write_text(
+        f'[[rule]]\nname = "remote hub"\ndestination = "http://127.0.0.1:{port}/dicomweb"\n'
+        'token_env = "SAF_TEST_DEST_TOKEN"\n'
+    )
+    paths = make_study(tmp_path / "study", "ct", count=4, size=64)
+    sender = make_clinic(hub)
+    for path in paths:
+        ingest_part10(hub, path, sender)
+    mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+    with hub.sessions() as session:
+        [event] = session.scalars(select(OutboxEvent).where(OutboxEvent.topic == "study.stable"))
+    handle_event(hub, event.topic, event.payload, default_rules())
+    forwarder = Forwarder(hub, make_transport("SAF"))
+    forwarder.start()
+    try:
+
+        def arrived() -> bool:
+            with dest.sessions() as session:
+                return len(session.scalars(select(Instance.sha256)).all()) == len(paths)
+
+        _wait("the remote hub", arrived, timeout=60)
+    finally:
+        forwarder.stop()
+        server.should_exit = True
+        thread.join(timeout=10)
+    with dest.sessions() as session:
+        stored = set(session.scalars(select(Instance.sha256)))
+    assert stored == {dataset_sha256(p) for p in paths}
+    dest.close()

@@ -374,3 +374,21 @@ def test_stow_unreachable_and_http_errors(tmp_path: Path) -> None:
     ok = httpx.Response(200, json={"00081199": {"vr": "SQ", "Value": []}})
     client = httpx.Client(transport=httpx.MockTransport(lambda r: ok))
     assert send_stow(destination, files, None, client=client).acked == {"i0", "i1"}
+
+
+def test_a_long_send_keeps_its_lease(hub: Hub, tmp_path: Path) -> None:
+    hub.settings.forward_lease_seconds = 0.3
+    study_id, _ = _stable_study(hub, tmp_path)
+    rules = parse_forward_rules(f'[[rule]]\nname = "p"\ndestination = "{PACS}"\n')
+    enqueue_study(hub, study_id, rules=rules)
+    taken_meanwhile: list[object] = []
+    recorder = Recorder()
+
+    def slow(destination: Destination, files: list[OutgoingFile], token: str | None) -> SendOutcome:
+        time.sleep(0.8)  # well past the lease: only the heartbeat keeps the job ours
+        taken_meanwhile.extend(claim_due(hub))
+        return recorder(destination, files, token)
+
+    [result] = forward_due(hub, slow)
+    assert result.state == "done"
+    assert taken_meanwhile == []
