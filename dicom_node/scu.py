@@ -41,6 +41,16 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for the TCP connection to a destination."""
+
+ACSE_TIMEOUT_S = 30.0
+"""Seconds to wait for the association to be accepted or released."""
+
+DIMSE_TIMEOUT_S = 60.0
+"""Seconds to wait for a C-STORE response (a large instance on a slow link takes a while)."""
+
+
 def find_files(paths: Iterable[Path]) -> Iterator[Path]:
     """Every regular file under `paths` (files as given, folders recursively, sorted)."""
     for path in paths:
@@ -113,6 +123,11 @@ def _send_batch(
 ) -> None:
     ae = AE(ae_title=calling_aet)
     ae.maximum_pdu_size = 0
+    # Bounded waits: a destination that drops packets must not hold a sender for minutes.
+    ae.connection_timeout = CONNECT_TIMEOUT_S
+    ae.acse_timeout = ACSE_TIMEOUT_S
+    ae.dimse_timeout = DIMSE_TIMEOUT_S
+    ae.network_timeout = DIMSE_TIMEOUT_S
     for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
         # One context per (class, syntax) so each file goes exactly as stored.
         ae.add_requested_context(sop_class, [syntax])
