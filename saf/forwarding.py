@@ -54,7 +54,7 @@ from saf.models import Clinic, ForwardAck, ForwardJob, Instance, Series, Study, 
 
 # The routing rules' error type and line-finding helpers: one way to report a rules
 # file's mistakes (file, line, rule, "did you mean"), whichever file it is.
-from saf.routing import RulesError, _scan_layout, _syntax_error, _table_error
+from saf.routing import RulesError, scan_layout, syntax_error, table_error
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +245,8 @@ def parse_forward_rules(text: str, source: str = "<string>") -> ForwardRuleSet:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(exc, text, source) from None
-    layout = _scan_layout(text)
+        raise syntax_error(exc, text, source) from None
+    layout = scan_layout(text)
     for key in doc:
         if key != "rule":
             raise RulesError(
@@ -271,11 +271,11 @@ def parse_forward_rules(text: str, source: str = "<string>") -> ForwardRuleSet:
         try:
             rules.append(_rule_from_table(table))
         except RulesError as exc:
-            raise _table_error(exc, layout, index, source) from None
+            raise table_error(exc, layout, index, source) from None
     try:
         return ForwardRuleSet(tuple(rules), source=source)
     except RulesError as exc:
-        raise _table_error(exc, layout, exc.index or 0, source) from None
+        raise table_error(exc, layout, exc.index or 0, source) from None
 
 
 def _rule_from_table(table: dict[str, Any]) -> ForwardRule:

@@ -19,7 +19,7 @@ and body part are upper-cased, specialty and priority lower-cased, clinic names 
 
 Every mistake in the file raises :class:`RulesError`, whose message names the file, the
 line, the rule and what to change. Line numbers for semantic errors come from a small
-line scan (:func:`_scan_layout`), not a second TOML parser; its limits are documented there.
+line scan (:func:`scan_layout`), not a second TOML parser; its limits are documented there.
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class RuleSet:
 
 @dataclass
 class _Layout:
-    """Where things are in the text, found by :func:`_scan_layout` (1-based line numbers)."""
+    """Where things are in the text, found by :func:`scan_layout` (1-based line numbers)."""
 
     rule_lines: list[int] = field(default_factory=list)
     rule_keys: list[dict[str, int]] = field(default_factory=list)
@@ -332,7 +332,7 @@ _ANY_HEADER = re.compile(r"^\s*\[[^\]]*\]\]?\s*(#.*)?$")
 _KEY_LINE = re.compile(r"""^\s*(?:([A-Za-z0-9_-]+)|"([^"\\]*)"|'([^']*)')\s*=""")
 
 
-def _scan_layout(text: str) -> _Layout:
+def scan_layout(text: str) -> _Layout:
     """Find the line of each ``[[rule]]`` header and of each ``key =`` line, by a line scan.
 
     Only called on text ``tomllib`` has accepted. Limits, by design (this is not a parser):
@@ -373,7 +373,9 @@ def _scan_layout(text: str) -> _Layout:
 _DECODE_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 
 
-def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, source: str) -> RulesError:
+def syntax_error(exc: tomllib.TOMLDecodeError, text: str, source: str) -> RulesError:
+    """A TOML syntax error as a RulesError naming the file, line and column (shared by the
+    routing and forwarding rule files)."""
     message = str(exc)
     line: int | None = None
     column: int | None = None
@@ -393,7 +395,7 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Rules
     )
 
 
-def _table_error(exc: RulesError, layout: _Layout, index: int, source: str) -> RulesError:
+def table_error(exc: RulesError, layout: _Layout, index: int, source: str) -> RulesError:
     """Re-raise a rule's error with the file and the best line we know."""
     line: int | None = None
     if len(layout.rule_lines) > index:
@@ -412,8 +414,8 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(exc, text, source) from None
-    layout = _scan_layout(text)
+        raise syntax_error(exc, text, source) from None
+    layout = scan_layout(text)
     for key in doc:
         if key != "rule":
             raise RulesError(
@@ -459,12 +461,12 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
             }
             rules.append(Rule(**values))
         except RulesError as exc:
-            raise _table_error(exc, layout, index, source) from None
+            raise table_error(exc, layout, index, source) from None
     try:
         return RuleSet(tuple(rules), source=source)
     except RulesError as exc:
         index = exc.index if exc.index is not None else len(rules) - 1
-        raise _table_error(exc, layout, index, source) from None
+        raise table_error(exc, layout, index, source) from None
 
 
 def load_rules(path: Path) -> RuleSet:
