@@ -369,12 +369,17 @@ def _base(principal: Principal, level: Level) -> Select[Any]:
     )
 
 
+_STUDY_ORDER: Final = (Study.study_date, Study.study_time, Study.study_instance_uid, Study.id)
+_SERIES_ORDER: Final = (Series.series_number, Series.series_instance_uid, Series.id)
 _ORDER: Final[dict[Level, tuple[Any, ...]]] = {
     "PATIENT": (Patient.patient_id, Patient.id),
-    "STUDY": (Study.study_date, Study.study_time, Study.study_instance_uid, Study.id),
-    "SERIES": (Study.id, Series.series_number, Series.series_instance_uid, Series.id),
-    "IMAGE": (Series.id, Instance.instance_number, Instance.sop_instance_uid),
-}
+    "STUDY": _STUDY_ORDER,
+    "SERIES": (*_STUDY_ORDER, *_SERIES_ORDER),
+    "IMAGE": (*_STUDY_ORDER, *_SERIES_ORDER, Instance.instance_number, Instance.sop_instance_uid,
+              Instance.id),
+}  # fmt: skip
+"""Answer order: studies by date, then each study's series and instances by number; every
+level ends on a primary key, so paging with offset neither repeats nor skips a row."""
 
 
 def _statement(principal: Principal, query: _Query) -> Select[Any]:

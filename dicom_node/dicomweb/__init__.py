@@ -32,15 +32,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dicom_node.dicomweb import qido, rendered, stow, wado
 from dicom_node.dicomweb.common import PREFIX, _newest, _newest_version, _Stored
 from dicom_node.dicomweb.cors import DicomwebCORS, cors_origins
+from dicom_node.dicomweb.qido import router as qido_router
+from dicom_node.dicomweb.rendered import router as rendered_router
+from dicom_node.dicomweb.stow import router as stow_router
+from dicom_node.dicomweb.wado import router as wado_router
 
 router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
-router.include_router(qido.router)
-router.include_router(wado.router)
-router.include_router(rendered.router)
-router.include_router(stow.router)
+router.include_router(qido_router)
+router.include_router(wado_router)
+router.include_router(rendered_router)
+router.include_router(stow_router)
 
 __all__ = [
     "PREFIX",

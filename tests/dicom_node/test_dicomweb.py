@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,9 @@ def test_qido_pages_through_every_match_once(site: Site, query: str) -> None:
 
     assert len(every) == 5
     assert [i for p in pages for i in p.json()] == every
+    in_order = [(value(i, "0020000D"), value(i, "00200013")) for i in every]
+    assert len({uid for uid, _ in in_order}) == len(list(groupby(uid for uid, _ in in_order)))
+    assert in_order == sorted(in_order, key=lambda k: [uid for uid, _ in in_order].index(k[0]))
     assert ["additional results" in p.headers.get("warning", "") for p in pages] == [
         True,
         True,
