@@ -13,10 +13,11 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from saf.deps import AuthError
 from saf.fhir_store import StoreError
@@ -136,3 +137,14 @@ class FhirRoute(APIRoute):
                 return error_response(exc)
 
         return handle
+
+
+async def unmatched_path_handler(request: Request, exc: Exception) -> Response:
+    """An HTTP error raised outside any route (no route matches, method not allowed):
+    an OperationOutcome under /fhir, FastAPI's usual answer elsewhere."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    if request.url.path == "/fhir" or request.url.path.startswith("/fhir/"):
+        return error_response(exc)
+    assert isinstance(exc, HTTPException)
+    return await http_exception_handler(request, exc)

@@ -6,6 +6,7 @@ from typing import Any, Final
 
 from fastapi import FastAPI, Response
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saf import api_http, auth_http
 from saf.deps import AuthError, auth_error_handler
@@ -34,9 +35,11 @@ def create_app(hub: Hub) -> FastAPI:
     app.add_exception_handler(AuthError, auth_error_handler)
     app.include_router(auth_http.router)
     app.include_router(api_http.router)
+    from fhir_api.outcome import unmatched_path_handler
     from fhir_api.routes import router as fhir_router  # the composition root mounts it
 
     app.include_router(fhir_router)
+    app.add_exception_handler(StarletteHTTPException, unmatched_path_handler)
     # Imported here, not at module level: saf must not depend on dicom_node at import time.
     from dicom_node import dicomweb
 

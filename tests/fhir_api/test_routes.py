@@ -487,3 +487,11 @@ def test_bad_input_is_a_4xx_operation_outcome(
     )
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_unknown_fhir_paths_answer_operation_outcomes(api: Api) -> None:
+    body = _outcome(api.client.get("/fhir/Patient/x/y/z", headers=api.ehr), 404)
+    assert body["issue"][0]["code"] == "not-found"
+    _outcome(api.client.patch("/fhir/metadata", headers=api.ehr), 405)
+    elsewhere = api.client.get("/api/nothing-here", headers=api.ehr)
+    assert (elsewhere.status_code, elsewhere.json()) == (404, {"detail": "Not Found"})
