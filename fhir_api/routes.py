@@ -102,15 +102,14 @@ def _audit(
     outcome: int = audit.SUCCESS,
     detail: str | None = None,
 ) -> None:
-    audit.record(
+    audit.record_access(
         hub,
         event,
         principal,
+        resource_type,
+        resource_id,
+        owner=stored,
         outcome=outcome,
-        entity_type=resource_type,
-        entity_id=resource_id[:64] if resource_id else None,
-        clinic_id=stored.clinic_id if stored else principal.clinic_id,
-        patient_pk=stored.patient_pk if stored else None,
         detail=detail,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from saf.db import transaction
 from saf.hub import Hub
@@ -100,3 +100,39 @@ def record(
         session.add(row)
         session.flush()
         return int(row.id)
+
+
+class Owned(Protocol):
+    """Something a clinic owns about one patient (a Study row, a stored FHIR resource)."""
+
+    @property
+    def clinic_id(self) -> str | None: ...
+
+    @property
+    def patient_pk(self) -> str | None: ...
+
+
+def record_access(
+    hub: Hub,
+    event: str,
+    who: Principal,
+    entity_type: str,
+    entity_id: str | None,
+    *,
+    owner: Owned | None = None,
+    outcome: int = SUCCESS,
+    detail: str | None = None,
+) -> int:
+    """Record an access to one object by a caller: the clinic and patient come from the
+    object touched (`owner`) when it was found, else the caller's clinic is named."""
+    return record(
+        hub,
+        event,
+        who,
+        outcome=outcome,
+        entity_type=entity_type,
+        entity_id=entity_id[:64] if entity_id else None,
+        clinic_id=owner.clinic_id if owner is not None else who.clinic_id,
+        patient_pk=owner.patient_pk if owner is not None else None,
+        detail=detail,
+    )

@@ -50,16 +50,8 @@ def _audit(
     outcome: int = audit.SUCCESS,
     detail: str | None = None,
 ) -> None:
-    audit.record(
-        hub,
-        event,
-        caller,
-        outcome=outcome,
-        entity_type=entity_type,
-        entity_id=entity_id[:64] if entity_id else None,
-        clinic_id=study.clinic_id if study else caller.clinic_id,
-        patient_pk=study.patient_pk if study else None,
-        detail=detail,
+    audit.record_access(
+        hub, event, caller, entity_type, entity_id, owner=study, outcome=outcome, detail=detail
     )
 
 
