@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 
-from fhir_api import tasks
+from fhir_api import audit_events, imaging_study, subscriptions, tasks
 from fhir_api.capability import capability_statement
 from fhir_api.outcome import (
     FHIR_JSON,
@@ -170,6 +170,9 @@ def metadata(request: Request, hub: HubDep) -> Response:
 
 # Task (a case, read and search) before the generic routes, which would take /fhir/Task.
 router.include_router(tasks.router)
+router.include_router(subscriptions.router)
+router.include_router(imaging_study.router)
+router.include_router(audit_events.router)
 
 
 @router.get("/{resource_type}")

@@ -20,6 +20,7 @@ from saf.models import (
     CaseReferral,
     CaseStudy,
     Clinic,
+    OutboxEvent,
     Patient,
     Series,
     Study,
@@ -28,6 +29,9 @@ from saf.models import (
 from saf.routing import CaseFacts, RuleSet
 
 Priority = Literal["stat", "urgent", "routine"]
+
+CASE_STATUS_TOPIC = "case.status"
+"""Outbox topic of a case status change (payload: case_id, from, to, actor)."""
 
 
 class TaskStatus(StrEnum):
@@ -469,3 +473,12 @@ def _record(
     session.add(
         CaseEvent(case_id=case_id, actor=actor, from_status=before, to_status=after, note=note)
     )
+    if before != after:
+        # In the same transaction: subscribers (saf.subscriptions) hear of every status
+        # change, or of none if the change rolls back.
+        session.add(
+            OutboxEvent(
+                topic=CASE_STATUS_TOPIC,
+                payload={"case_id": case_id, "from": before, "to": after, "actor": actor},
+            )
+        )

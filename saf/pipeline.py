@@ -10,16 +10,21 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from saf.cases import on_study_stable
-from saf.forwarding import enqueue_study
+from saf import forwarding, subscriptions
+from saf.cases import CASE_STATUS_TOPIC, on_study_stable
 from saf.hub import Hub
 from saf.routing import RuleSet
 from saf.thumbnails import ThumbnailReport, make_study_thumbnails
 
 log = logging.getLogger(__name__)
 
-ACTIONABLE_TOPICS = frozenset({"study.stable"})
-"""Outbox topics that need a task; the others are records only, for now."""
+REPLY_TOPIC = "case.replied"
+"""Outbox topic written with a signed reply (saf.replies), in the same transaction.
+Payload: ``case_id``, ``study_ids`` (the study primary keys the reply objects were stored
+into) and ``series_instance_uids`` (the reply's SR/GSPS series, the objects to forward)."""
+
+ACTIONABLE_TOPICS = frozenset({"study.stable", CASE_STATUS_TOPIC, REPLY_TOPIC})
+"""Outbox topics that need a task; the others are records only."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
     case_id = on_study_stable(hub, study_id, rules)
     # Queued after the case so a forwarding failure never delays the specialist; the
     # sending itself happens in the forwarder, per destination (saf.forwarding).
-    enqueue_study(hub, study_id, "study.stable")
+    forwarding.enqueue_study(hub, study_id, "study.stable")
     log.info(
         "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s)",
         study_id,
@@ -53,4 +58,8 @@ def handle_event(hub: Hub, topic: str, payload: dict[str, Any], rules: RuleSet) 
     """Do the work an outbox event asks for; topics with nothing to do return None."""
     if topic == "study.stable":
         return complete_study(hub, str(payload["study_id"]), rules)
+    if topic == CASE_STATUS_TOPIC:
+        return subscriptions.on_case_status(hub, payload)
+    if topic == REPLY_TOPIC:
+        return forwarding.enqueue_reply(hub, payload)
     return None  # instance.stored / instance.new_version: nothing to do before completion
