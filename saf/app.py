@@ -44,6 +44,11 @@ def create_app(hub: Hub) -> FastAPI:
     from dicom_node import dicomweb
 
     app.include_router(dicomweb.router)
+    from viewer import api as viewer_api
+    from viewer import pages as viewer_pages
+
+    app.include_router(viewer_api.router)
+    app.include_router(viewer_pages.router)
     if origins := dicomweb.cors_origins(hub.settings.cors_origins):
         app.add_middleware(dicomweb.DicomwebCORS, origins=origins)
 
