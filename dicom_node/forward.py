@@ -1,5 +1,6 @@
 """Forwarding transports: send stored instances as they are, by C-STORE (dicom_node.scu) to
-a DICOM AE or by STOW-RS (multipart/related over httpx) to a DICOMweb service.
+a DICOM AE (over DICOM TLS for dicoms://, see dicom_node.tls.forward_context) or by STOW-RS
+(multipart/related over httpx) to a DICOMweb service.
 
 Each returns a saf.forwarding.SendOutcome: which instances the destination acknowledged,
 why the others were not, and whether the destination could not be reached at all.
@@ -16,7 +17,9 @@ from functools import partial
 import httpx
 
 from dicom_node import scu
+from dicom_node.tls import TLSConfigError, forward_context
 from saf.forwarding import Destination, OutgoingFile, SendOutcome, Transport
+from saf.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,10 @@ STOW_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 _UNREACHABLE = ("no association", "association rejected")
 
 
-def make_transport(calling_aet: str) -> Transport:
-    """The transport saf worker uses: C-STORE from `calling_aet`, or STOW-RS."""
-    return partial(send, calling_aet=calling_aet)
+def make_transport(calling_aet: str, settings: Settings | None = None) -> Transport:
+    """The transport saf worker uses: C-STORE from `calling_aet`, or STOW-RS; `settings`
+    give dicoms:// destinations their CA and client certificate (None: system roots)."""
+    return partial(send, calling_aet=calling_aet, settings=settings)
 
 
 def send(
@@ -44,18 +48,30 @@ def send(
     *,
     calling_aet: str,
     client: httpx.Client | None = None,
+    settings: Settings | None = None,
 ) -> SendOutcome:
     """Send `files` to `destination`; never raises for the destination's failures."""
     if destination.kind == "dicom":
-        return send_c_store(destination, files, calling_aet=calling_aet)
+        return send_c_store(destination, files, calling_aet=calling_aet, settings=settings)
     return send_stow(destination, files, token, client=client)
 
 
 def send_c_store(
-    destination: Destination, files: list[OutgoingFile], *, calling_aet: str
+    destination: Destination,
+    files: list[OutgoingFile],
+    *,
+    calling_aet: str,
+    settings: Settings | None = None,
 ) -> SendOutcome:
-    """C-STORE the files as stored (one presentation context per class and syntax)."""
+    """C-STORE the files as stored (one presentation context per class and syntax); over
+    TLS for a dicoms:// destination."""
     by_path = {f.path: f for f in files}
+    tls = None
+    if destination.tls:
+        try:
+            tls = forward_context(settings, destination.tls_sha256)
+        except TLSConfigError as exc:  # the operator's files: every instance waits for a fix
+            return SendOutcome(errors={f.instance_id: f"TLS set-up: {exc}"[:256] for f in files})
     items = [scu.SendItem(f.path, f.sop_class_uid, f.transfer_syntax_uid) for f in files]
     report = scu.send(
         items,
@@ -63,6 +79,7 @@ def send_c_store(
         destination.port,
         calling_aet=calling_aet,
         called_aet=destination.ae_title,
+        tls=tls,
     )
     outcome = SendOutcome(acked={by_path[p].instance_id for p in report.sent})
     for path, reason in report.failed:

@@ -148,7 +148,7 @@ def _send_batch(
         else:
             reason = (
                 f"no association with {host}:{port} (refused, unreachable or aborted"
-                f"{'; or the TLS handshake failed: check --ca, --cert and --key' if tls else ''})"
+                f"{'; or the TLS handshake failed: check CA, certificate, key' if tls else ''})"
             )
         for item in batch:
             report.failed.append((item.path, reason))

@@ -10,6 +10,8 @@ and bounds the socket with the network timeout.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import socket
 import ssl
 from pathlib import Path
@@ -99,3 +101,48 @@ def _load_ca(context: ssl.SSLContext, ca: Path, what: str) -> None:
         context.load_verify_locations(cafile=ca)
     except (ssl.SSLError, OSError) as exc:
         raise TLSConfigError(f"{what}: cannot load CA certificates from {ca}: {exc}") from None
+
+
+class _PinnedSocket(ssl.SSLSocket):
+    """Checks the server certificate's SHA-256 right after the handshake, so a pinned
+    destination is refused before any DICOM byte (no association, not an abort later)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        pin = getattr(self.context, "pin_sha256", None)
+        if pin:
+            der = self.getpeercert(binary_form=True) or b""
+            seen = hashlib.sha256(der).hexdigest()
+            if not hmac.compare_digest(seen, pin):
+                self.close()
+                raise ssl.SSLCertVerificationError(
+                    f"server certificate SHA-256 {seen} is not the pinned {pin}"
+                )
+
+
+class _PinnedContext(ssl.SSLContext):
+    """A client context that may carry a pinned server certificate fingerprint."""
+
+    pin_sha256: str | None = None
+
+
+def forward_context(settings: Settings | None, pin_sha256: str | None = None) -> ssl.SSLContext:
+    """The context for C-STORE to a dicoms:// forwarding destination: TLS 1.2+, the
+    destination's certificate verified against SAF_FORWARD_TLS_CA (else SAF_DICOM_TLS_CA,
+    else the system roots) and its host name, optionally pinned to `pin_sha256`; the hub's
+    SAF_DICOM_TLS_CERT/KEY offered as client certificate (mutual TLS)."""
+    context = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca = (settings.forward_tls_ca or settings.dicom_tls_ca) if settings else None
+    if settings is not None and ca is not None:
+        _load_ca(
+            context, ca, "SAF_FORWARD_TLS_CA" if settings.forward_tls_ca else "SAF_DICOM_TLS_CA"
+        )
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if settings is not None and settings.dicom_tls_cert is not None:
+        _load_chain(context, settings.dicom_tls_cert, settings.dicom_tls_key,
+                    "SAF_DICOM_TLS_CERT/KEY")  # fmt: skip
+    context.pin_sha256 = pin_sha256
+    context.sslsocket_class = _PinnedSocket
+    return context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from fhir_api import audit_events, imaging_study, subscriptions
 from fhir_api.search import PARAMS
 from fhir_api.tasks import SEARCH_PARAMS as TASK_PARAMS
 from saf.auth_http import TOKEN_PATH
@@ -20,6 +21,12 @@ _PARAM_TYPES: Final = {
     "patient": "reference",
     "subject": "reference",
     "status": "token",
+    # A1: replies, documents
+    "based-on": "reference",
+    "code": "token",
+    "type": "token",
+    "category": "token",
+    "date": "date",
 }
 
 
@@ -65,6 +72,18 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             ],
         }
     )
+    # A1: Binary (create, read: the bytes; fhir_api.mhd)
+    resources.append(
+        {
+            "type": "Binary",
+            "documentation": "Document bytes (sealed blobs): POST raw bytes with any "
+            "Content-Type or FHIR JSON with data; read answers the bytes with their "
+            "Content-Type, or FHIR JSON when asked for.",
+            "interaction": [{"code": "create"}, {"code": "read"}],
+        }
+    )
+    # Generated or hub-managed types (A2): ImagingStudy, AuditEvent, Subscription.
+    resources += [imaging_study.CAPABILITY, audit_events.CAPABILITY, subscriptions.CAPABILITY]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -77,6 +96,8 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
+                # A1: POST /fhir (fhir_api.bundles)
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
                 "security": {
                     "cors": False,
                     "service": [

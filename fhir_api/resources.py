@@ -18,6 +18,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from fhir_api.outcome import FhirError, issue
+from saf.hub import Hub
+from saf.routing import RuleSet, RulesHolder
 
 CODES: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("ServiceRequest", "status"): frozenset(
@@ -53,6 +55,38 @@ CODES: Final[dict[tuple[str, str], frozenset[str]]] = {
             "entered-in-error",
         }
     ),
+    ("DiagnosticReport", "status"): frozenset(
+        {
+            "registered",
+            "partial",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "appended",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    ("Communication", "status"): frozenset(
+        {
+            "preparation",
+            "in-progress",
+            "not-done",
+            "on-hold",
+            "stopped",
+            "completed",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    ("DocumentReference", "status"): frozenset({"current", "superseded", "entered-in-error"}),
+    ("DocumentReference", "docStatus"): frozenset(
+        {"preliminary", "final", "amended", "entered-in-error"}
+    ),
+    ("List", "status"): frozenset({"current", "retired", "entered-in-error"}),
+    ("List", "mode"): frozenset({"working", "snapshot", "changes"}),
 }
 """Required bindings (R4 value sets) of the codes saf acts on."""
 
@@ -109,33 +143,61 @@ def parse(body: bytes, resource_type: str) -> dict[str, Any]:
         ) from None
     if not isinstance(content, dict):
         raise FhirError(400, "the body must be a JSON object (a FHIR resource)")
+    validate(content, resource_type)
+    return content
+
+
+def validate(content: Any, resource_type: str | None, where: str | None = None) -> None:
+    """Check `content` is a valid R4 resource (of `resource_type` when given); FhirError
+    (400) naming each problem's location, prefixed with `where` (``Bundle.entry[2].resource``)
+    instead of the type name when given."""
+    if not isinstance(content, dict):
+        raise FhirError(400, "a resource must be a JSON object", expression=[where or "resource"])
     found = content.get("resourceType")
-    if found != resource_type:
+    if resource_type is not None and found != resource_type:
         raise FhirError(
             400,
             f"resourceType is {found!r}; this endpoint takes {resource_type}",
-            expression=[f"{resource_type}.resourceType"],
+            expression=[f"{where or resource_type}.resourceType"],
         )
+    if not isinstance(found, str):
+        raise FhirError(400, "resourceType is missing", expression=[f"{where}.resourceType"])
     try:
-        get_fhir_model_class(resource_type).model_validate(content)
+        model = get_fhir_model_class(found)
+    except (KeyError, ValueError):
+        raise FhirError(
+            400, f"{found!r} is not a FHIR resource type", expression=[f"{where}.resourceType"]
+        ) from None
+    label = where or found
+    try:
+        model.model_validate(content)
     except ValidationError as exc:
         issues = [
             issue(
                 "structure" if err["type"] == "extra_forbidden" else "value",
                 f"{err['msg']}"
                 + (" (unknown element)" if err["type"] == "extra_forbidden" else ""),
-                [fhirpath(resource_type, tuple(err["loc"]))],
+                [fhirpath(label, tuple(err["loc"]))],
             )
             for err in exc.errors()
         ]
         raise FhirError(400, "invalid resource", issues=issues) from None
     except (ValueError, TypeError) as exc:
-        raise FhirError(400, f"invalid resource: {exc}", expression=[resource_type]) from None
-    _check_codes(content, resource_type)
-    return content
+        raise FhirError(400, f"invalid resource: {exc}", expression=[label]) from None
+    _check_codes(content, found, label)
 
 
-def _check_codes(content: dict[str, Any], resource_type: str) -> None:
+def rules_of(request: Request, hub: Hub) -> RuleSet:
+    """The routing rules a referral is routed by (loaded once per app, reloaded when the
+    file changes)."""
+    holder: RulesHolder | None = getattr(request.app.state, "fhir_rules", None)
+    if holder is None:
+        holder = RulesHolder(hub.settings.rules_path)
+        request.app.state.fhir_rules = holder
+    return holder.current
+
+
+def _check_codes(content: dict[str, Any], resource_type: str, label: str) -> None:
     problems = []
     for (type_, element), allowed in CODES.items():
         if type_ != resource_type or element not in content:
@@ -147,7 +209,7 @@ def _check_codes(content: dict[str, Any], resource_type: str) -> None:
                     "code-invalid",
                     f"{value!r} is not a valid {resource_type}.{element} "
                     f"(one of {', '.join(sorted(allowed))})",
-                    [f"{resource_type}.{element}"],
+                    [f"{label}.{element}"],
                 )
             )
     if problems:

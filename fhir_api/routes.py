@@ -1,5 +1,6 @@
 """The FHIR R4 REST router at /fhir: metadata, read, vread, create, update, delete,
-history and search of the types in saf.fhir_store.STORED_TYPES.
+history and search of the types in saf.fhir_store.STORED_TYPES; Binary (fhir_api.mhd)
+and transaction/batch Bundles (fhir_api.bundles) have routers of their own.
 
 Thin: each route checks the caller's SMART scope for the type and interaction
 (saf.deps.require_scope), parses the body (fhir_api.resources), calls saf.fhir_store
@@ -18,7 +19,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 
-from fhir_api import audit_events, imaging_study, subscriptions, tasks
+from fhir_api import audit_events, bundles, imaging_study, mhd, subscriptions, tasks
 from fhir_api.capability import capability_statement
 from fhir_api.outcome import (
     FHIR_JSON,
@@ -29,14 +30,14 @@ from fhir_api.outcome import (
     issue,
     operation_outcome,
 )
-from fhir_api.resources import parse, read_body
+from fhir_api.resources import parse, read_body, rules_of
 from fhir_api.search import SearchError, parse_search
 from saf import audit, fhir_store
 from saf.deps import CurrentPrincipal, HubDep, require_scope
 from saf.fhir_store import STORED_TYPES, Stored
 from saf.hub import Hub
 from saf.identity import Principal
-from saf.routing import RuleSet, RulesHolder
+from saf.routing import RuleSet
 
 router = APIRouter(prefix="/fhir", tags=["fhir"], route_class=FhirRoute)
 
@@ -45,11 +46,7 @@ METADATA_PATH: Final = "/fhir/metadata"
 
 
 def _rules(request: Request, hub: Hub) -> RuleSet:
-    holder: RulesHolder | None = getattr(request.app.state, "fhir_rules", None)
-    if holder is None:
-        holder = RulesHolder(hub.settings.rules_path)
-        request.app.state.fhir_rules = holder
-    return holder.current
+    return rules_of(request, hub)
 
 
 def _base(request: Request, hub: Hub) -> str:
@@ -173,6 +170,13 @@ router.include_router(tasks.router)
 router.include_router(subscriptions.router)
 router.include_router(imaging_study.router)
 router.include_router(audit_events.router)
+router.include_router(mhd.router)
+
+
+@router.post("")
+async def bundle(request: Request, principal: CurrentPrincipal, hub: HubDep) -> Response:
+    """A transaction or batch Bundle (fhir_api.bundles); answers the response Bundle."""
+    return await bundles.process_bundle(request, principal, hub)
 
 
 @router.get("/{resource_type}")
@@ -255,6 +259,8 @@ async def create(
     _allowed(principal, request, hub, resource_type, "c")
     _check_content_type(request)
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), resource_type)
+    if problems := mhd.check_mhd(content, ""):
+        raise FhirError(400, "the resource lacks what its MHD profile requires", issues=problems)
     base = _base(request, hub)
     condition = request.headers.get("if-none-exist")
     if condition is not None:

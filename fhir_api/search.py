@@ -3,7 +3,10 @@
 Supported: ``_id``, ``_lastUpdated`` (prefixes eq, gt, ge, lt, le; precision year to
 seconds), ``identifier`` (token: ``system|value``, ``value``, ``|value``, ``system|``),
 ``patient``/``subject`` (reference ``Patient/<id>`` or ``<id>``; not on Patient),
-``status`` (ServiceRequest), ``_count`` (default 20, at most `COUNT_MAX`),
+``status``, ``type``/``category``/``code`` (token), ``based-on`` (reference
+``ServiceRequest/<id>``), ``date`` (prefixes as ``_lastUpdated``; the element each type
+reads is saf.fhir_store.DATE_ELEMENTS; DocumentReference.date is ITI-67's), ``_count``
+(default 20, at most `COUNT_MAX`),
 ``_sort=_lastUpdated`` or ``-_lastUpdated``, and ``_offset`` (the paging links use it).
 Each parameter given twice is AND-ed; comma-separated values are OR-ed. Anything else is
 unknown: ignored and reported (or refused under ``Prefer: handling=strict``).
@@ -26,7 +29,51 @@ PARAMS: Final[dict[str, tuple[str, ...]]] = {
     "Patient": ("_id", "_lastUpdated", "identifier"),
     "Practitioner": ("_id", "_lastUpdated", "identifier"),
     "Organization": ("_id", "_lastUpdated", "identifier"),
-    "ServiceRequest": ("_id", "_lastUpdated", "identifier", "patient", "subject", "status"),
+    "ServiceRequest": (
+        "_id",
+        "_lastUpdated",
+        "identifier",
+        "patient",
+        "subject",
+        "status",
+        "code",
+        "date",
+    ),
+    "DiagnosticReport": (
+        "_id",
+        "_lastUpdated",
+        "identifier",
+        "patient",
+        "subject",
+        "status",
+        "based-on",
+        "code",
+        "category",
+        "date",
+    ),
+    "Communication": (
+        "_id",
+        "_lastUpdated",
+        "identifier",
+        "patient",
+        "subject",
+        "status",
+        "based-on",
+        "category",
+        "date",
+    ),
+    "DocumentReference": (
+        "_id",
+        "_lastUpdated",
+        "identifier",
+        "patient",
+        "subject",
+        "status",
+        "type",
+        "category",
+        "date",
+    ),
+    "List": ("_id", "_lastUpdated", "identifier", "patient", "subject", "status", "code", "date"),
 }
 """Search parameters per type (the CapabilityStatement lists these)."""
 
@@ -86,9 +133,14 @@ def _range(param: str, text: str) -> tuple[datetime, datetime]:
 
 def last_updated_bounds(text: str) -> list[tuple[str, datetime]]:
     """A ``_lastUpdated`` value (with its prefix) as bounds: ("ge", start) and/or ("lt", end)."""
+    return date_bounds("_lastUpdated", text)
+
+
+def date_bounds(param: str, text: str) -> list[tuple[str, datetime]]:
+    """A date parameter's value (with its prefix) as bounds: ("ge", start) and/or ("lt", end)."""
     prefix = text[:2] if text[:2] in ("eq", "gt", "ge", "lt", "le") else "eq"
     value = text[2:] if text[:2] == prefix else text
-    start, end = _range("_lastUpdated", value)
+    start, end = _range(param, value)
     return {
         "eq": [("ge", start), ("lt", end)],
         "gt": [("ge", end)],
@@ -154,4 +206,16 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> Parsed:
             search.subjects.append([_reference(v) for v in alternatives])
         elif name == "status":
             search.statuses.append(alternatives)
+        elif name in ("type", "category", "code"):
+            search.tokens.append((name, [_token(v) for v in alternatives]))
+        elif name == "based-on":
+            refs = [v if "/" in v else f"ServiceRequest/{v}" for v in alternatives]
+            search.tokens.append(("based-on", [("", r) for r in refs]))
+        elif name == "date":
+            if len(alternatives) > 1:
+                raise SearchError(name, "one value per date (repeat it to AND ranges)")
+            search.dates += [
+                (op, at.replace(tzinfo=None).isoformat(timespec="seconds"))
+                for op, at in date_bounds("date", alternatives[0])
+            ]
     return parsed

@@ -22,22 +22,20 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
-from saf import audit, tenancy
-from saf.audit_fhir import event_codes, searchset
+from saf import audit, audit_search, tenancy
+from saf.audit_fhir import searchset
 from saf.cases import PRIORITY_ORDER, ClaimRefused, claim, history
 from saf.crypto import CryptoError, open_value
 from saf.deps import HubDep, require_scope
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import (
-    AuditRecord,
     Case,
     CaseStudy,
     Clinic,
@@ -513,89 +511,19 @@ def search_audit(
             detail="audit is for admins",
         )
         raise HTTPException(403, "the audit trail is for admins")
-    query = tenancy.visible_audit(caller)
+    wanted = audit_search.AuditQuery(
+        date=list(date or ()),
+        agent=agent,
+        entity=entity,
+        type=type,
+        subtype=subtype,
+        outcome=outcome,
+    )
     try:
-        for value in date or ():
-            query = query.where(_date_clause(value))
-        if outcome:
-            query = query.where(AuditRecord.outcome.in_(_outcomes(outcome)))
+        records, total = audit_search.search(hub, caller, wanted, count=count)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    if agent:
-        query = query.where(or_(AuditRecord.actor_name == agent, AuditRecord.actor_id == agent))
-    if entity:
-        entity_id = entity.rsplit("/", 1)[-1]
-        query = query.where(
-            or_(AuditRecord.entity_id == entity_id, AuditRecord.patient_pk == entity_id)
-        )
-    if type or subtype:
-        query = query.where(AuditRecord.event.in_(sorted(_events_matching(type, subtype))))
-    with hub.sessions() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        records = list(
-            session.scalars(
-                query.order_by(AuditRecord.at.desc(), AuditRecord.id.desc()).limit(count)
-            )
-        )
     audit.record(
         hub, "search", caller, entity_type="AuditEvent", detail=f"{len(records)} of {total}"
     )
     return searchset(records, total=total)
-
-
-_PREFIXES = ("ge", "gt", "le", "lt", "eq")
-
-
-def _date_clause(value: str) -> Any:
-    """A FHIR date search parameter on the record time; a bare date means that whole day."""
-    prefix, text = ("eq", value)
-    if value[:2] in _PREFIXES:
-        prefix, text = value[:2], value[2:]
-    try:
-        start = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"date {value!r}: use a prefix ge, gt, le, lt or eq and an ISO date or date-time, "
-            "e.g. ge2026-01-31 or lt2026-01-31T12:00:00Z"
-        ) from None
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=UTC)
-    whole_day = len(text) == 10
-    end = start + timedelta(days=1) if whole_day else start
-    column = AuditRecord.at
-    return {
-        "ge": column >= start,
-        "gt": column >= end if whole_day else column > start,
-        "le": column < end if whole_day else column <= start,
-        "lt": column < start,
-        "eq": and_(column >= start, column < end) if whole_day else column == start,
-    }[prefix]
-
-
-def _outcomes(value: str) -> list[int]:
-    codes = [v.strip() for v in value.split(",") if v.strip()]
-    if not codes or any(c not in ("0", "4", "8", "12") for c in codes):
-        raise ValueError(f"outcome {value!r}: use 0, 4, 8 or 12 (comma-separated)")
-    return [int(c) for c in codes]
-
-
-def _events_matching(type_code: str | None, subtype_code: str | None) -> set[str]:
-    """The saf audit events whose BALP type and subtype match the given codes."""
-    matching = set()
-    for event in audit.EVENTS:
-        type_coding, subtype_coding = event_codes(event)
-        if type_code and not _coding_matches(type_coding, type_code):
-            continue
-        if subtype_code and (
-            subtype_coding is None or not _coding_matches(subtype_coding, subtype_code)
-        ):
-            continue
-        matching.add(event)
-    return matching
-
-
-def _coding_matches(coding: dict[str, str], token: str) -> bool:
-    system, sep, code = token.rpartition("|")
-    if sep and system and system != coding["system"]:
-        return False
-    return code == coding["code"]

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Response
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from saf import api_http, auth_http
+from saf import api_http, auth_http, forward_http
 from saf.deps import AuthError, auth_error_handler
 from saf.hub import Hub
 
@@ -20,6 +20,8 @@ PUBLIC_PATHS: Final = frozenset(
         auth_http.JWKS_PATH,
         auth_http.SMART_CONFIGURATION_PATH,
         "/fhir/metadata",  # the CapabilityStatement holds no data (fhir_api.routes)
+        "/login",  # the viewer's login form and its "/" redirect hold no data (viewer.pages)
+        "/",
     }
 )
 """Route paths reachable without a token; every other route must depend on CurrentPrincipal
@@ -35,6 +37,7 @@ def create_app(hub: Hub) -> FastAPI:
     app.add_exception_handler(AuthError, auth_error_handler)
     app.include_router(auth_http.router)
     app.include_router(api_http.router)
+    app.include_router(forward_http.router)
     from fhir_api.outcome import unmatched_path_handler
     from fhir_api.routes import router as fhir_router  # the composition root mounts it
 
@@ -49,6 +52,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     app.include_router(viewer_api.router)
     app.include_router(viewer_pages.router)
+    app.mount("/static", viewer_pages.static_files(), name="static")  # JS/CSS, no PHI
     if origins := dicomweb.cors_origins(hub.settings.cors_origins):
         app.add_middleware(dicomweb.DicomwebCORS, origins=origins)
 

@@ -3,16 +3,25 @@
 `record` writes in its own short transaction, so a refused or failed request is
 recorded too. There is deliberately no function that changes or removes a record
 (and database triggers refuse UPDATE and DELETE on the table).
+
+The write is one autocommitted ``INSERT ... RETURNING`` on its own connection (no ORM
+unit of work, no separate BEGIN and COMMIT): every read request pays for it, and on
+PostgreSQL each saved round trip is a measurable share of a request. It is still
+durable when `record` returns, before the answer it records is sent; nothing is
+batched or deferred.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
-from saf.db import transaction
+from sqlalchemy import Engine, insert
+
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import AuditRecord
@@ -80,26 +89,40 @@ def record(
     if action is None:
         raise ValueError(f"unknown audit event {event!r} (add it to saf.audit.EVENTS)")
     actor = actor_of(who) if isinstance(who, Principal) else who
-    row = AuditRecord(
-        event=event,
-        action=action,
-        outcome=outcome,
-        actor_kind=actor.kind,
-        actor_id=actor.id,
-        actor_name=(actor.name or None) and actor.name[:64],
-        clinic_id=clinic_id,
-        source_address=actor.address,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        patient_pk=patient_pk,
-        detail=detail[:256] if detail else None,
-    )
+    values: dict[str, Any] = {
+        "event": event,
+        "action": action,
+        "outcome": outcome,
+        "actor_kind": actor.kind,
+        "actor_id": actor.id,
+        "actor_name": (actor.name or None) and actor.name[:64],
+        "clinic_id": clinic_id,
+        "source_address": actor.address,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "patient_pk": patient_pk,
+        "detail": detail[:256] if detail else None,
+    }
     if at is not None:
-        row.at = at
-    with transaction(hub.sessions) as session:
-        session.add(row)
-        session.flush()
-        return int(row.id)
+        values["at"] = at
+    with autocommit_engine(hub.engine).connect() as conn:
+        return int(conn.execute(_INSERT, values).scalar_one())
+
+
+_INSERT: Final = insert(AuditRecord).returning(AuditRecord.id)
+_autocommit_engines: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_autocommit_lock = threading.Lock()
+
+
+def autocommit_engine(engine: Engine) -> Engine:
+    """`engine` with each statement committed on its own (same pool, no BEGIN/COMMIT
+    round trips): for a single INSERT that must be durable at once, or a single SELECT."""
+    with _autocommit_lock:
+        found = _autocommit_engines.get(engine)
+        if found is None:
+            found = engine.execution_options(isolation_level="AUTOCOMMIT")
+            _autocommit_engines[engine] = found
+        return found
 
 
 class Owned(Protocol):

@@ -5,7 +5,8 @@ viewer's session cookie; plus the security headers and the login rate limit.
   ``client_credentials`` with a SMART Backend Services JWT assertion for EHR systems,
   ``refresh_token`` for people. Errors follow RFC 6749 §5.2.
 - ``GET /.well-known/smart-configuration`` and ``GET /auth/jwks``.
-- ``POST /auth/session`` / ``DELETE /auth/session``: the viewer's HttpOnly cookie.
+- ``POST /auth/session`` / ``DELETE /auth/session``: the viewer's HttpOnly cookie;
+  ``POST /auth/session/renew`` re-issues it while it is still valid.
 
 Every attempt, success or failure, writes an audit record (never the password).
 
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from saf import audit
-from saf.deps import SESSION_COOKIE, AuthError, HubDep, client_address
+from saf.deps import SESSION_COOKIE, AuthError, CurrentPrincipal, HubDep, client_address
 from saf.hub import Hub
 from saf.identity import Principal, grantable, grantable_to, role_scopes
 from saf.tokens import (
@@ -45,6 +46,7 @@ from saf.users import CLIENT_ASSERTION_ALGORITHMS, verify_login
 
 TOKEN_PATH: Final = "/auth/token"
 SESSION_PATH: Final = "/auth/session"
+SESSION_RENEW_PATH: Final = "/auth/session/renew"
 JWKS_PATH: Final = "/auth/jwks"
 SMART_CONFIGURATION_PATH: Final = "/.well-known/smart-configuration"
 ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -377,6 +379,34 @@ def create_session(
     _check_origin(request)
     principal = _login(hub, "login", username, password, client_address(request))
     access = issue_access_token(hub, principal, role_scopes(principal.role))
+    response = Response(status_code=204)
+    response.set_cookie(
+        SESSION_COOKIE,
+        access.token,
+        max_age=access.expires_in,
+        path="/",
+        secure=_secure_cookie(request, hub),
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+@router.post(SESSION_RENEW_PATH, status_code=204)
+def renew_session(request: Request, hub: HubDep, principal: CurrentPrincipal) -> Response:
+    """Re-issue the session cookie while the current token is still valid (204), so a
+    person at work is not logged out when the access token's lifetime ends; the old
+    session token is revoked. An expired or revoked token gets 401 like any other. A
+    caller authenticated by a Bearer header has no session here (it renews with the
+    refresh grant): 204 and nothing changes."""
+    if principal.kind != "user":
+        raise AuthError(403, "invalid_request", "only a person's session can be renewed")
+    old = request.cookies.get(SESSION_COOKIE)
+    if not old or request.headers.get("authorization") is not None:
+        return Response(status_code=204)
+    access = issue_access_token(hub, principal, role_scopes(principal.role))
+    revoke_access_token(hub, old)
+    audit.record(hub, "login", principal, clinic_id=principal.clinic_id, detail="session renewed")
     response = Response(status_code=204)
     response.set_cookie(
         SESSION_COOKIE,

@@ -231,7 +231,7 @@ def _make_forwarder(hub: Hub) -> Any:
         rules_in_force(hub)
     except RulesError as exc:
         fail(str(exc), code=1)
-    return Forwarder(hub, make_transport(hub.settings.ae_title))
+    return Forwarder(hub, make_transport(hub.settings.ae_title, hub.settings))
 
 
 def _broker_label(url: str) -> str:
@@ -504,7 +504,10 @@ def clinic_add(
     host: Annotated[str, typer.Option(help="Only accept this AE title from this host.")] = "",
     allow: Annotated[
         str | None,
-        typer.Option(help="DICOM services the AE may use: store,find,move,get [new: store]."),
+        typer.Option(
+            help="DICOM services the AE may use: store,find,move,get, and reply (the hub "
+            "C-STOREs the clinic's consult replies to --host/--port) [new: store]."
+        ),
     ] = None,
     cert: Annotated[
         Path | None,

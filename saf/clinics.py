@@ -24,8 +24,10 @@ from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import UNASSIGNED_CLINIC, Clinic, DicomPeer
 
-PERMISSIONS: Final = ("store", "find", "move", "get")
-"""DIMSE services a peer can be allowed (C-ECHO is open to every registered peer)."""
+PERMISSIONS: Final = ("store", "find", "move", "get", "reply")
+"""DIMSE services a peer can be allowed (C-ECHO is open to every registered peer); `reply`
+is outbound: the hub C-STOREs the clinic's consult replies to the peer's host and port
+(saf.forwarding.enqueue_reply)."""
 
 DEFAULT_PERMISSIONS: Final = frozenset({"store"})
 """What a newly registered peer may do: send studies in, nothing out."""
@@ -35,6 +37,7 @@ DICOM_SCOPES: Final[dict[str, frozenset[str]]] = {
     "find": frozenset({"system/ImagingStudy.s", "system/Patient.s"}),
     "move": frozenset({"system/ImagingStudy.r"}),
     "get": frozenset({"system/ImagingStudy.r"}),
+    "reply": frozenset(),  # the hub sends to the peer; the peer gains no access
 }
 """The SMART scopes each DICOM permission stands for, so saf.identity.allows answers
 for an AE exactly as for an EHR client (C-FIND searches studies and patients; C-MOVE
@@ -213,6 +216,11 @@ def add_clinic(
                 peer.cert_sha256 = pin or None
             if port is not None:
                 peer.port = port or None
+            if "reply" in _stored_permissions(peer.permissions) and not (peer.host and peer.port):
+                raise ClinicError(
+                    f"AE title {aet!r} may receive replies only with --host and --port "
+                    "(where the hub sends them)"
+                )
         clinic_id = clinic.id
     return get_clinic(hub, clinic_id)
 

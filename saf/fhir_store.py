@@ -18,10 +18,13 @@ saf.cases.on_referral (see `referral_of` for the mapping).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Final, cast
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
@@ -29,17 +32,76 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
-from saf import tenancy
-from saf.cases import CaseError, Priority, Referral, on_referral
+from saf import documents, tenancy
+from saf.cases import (
+    OPEN,
+    CaseError,
+    ClaimRefused,
+    IllegalTransition,
+    Priority,
+    Referral,
+    TaskStatus,
+    claim,
+    on_referral,
+    transition,
+)
 from saf.crypto import open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal
-from saf.models import Case, FhirResource, FhirToken, FhirVersion, Patient, new_id, utcnow
+from saf.models import (
+    Blob,
+    Case,
+    CaseStudy,
+    FhirBinary,
+    FhirResource,
+    FhirToken,
+    FhirVersion,
+    OutboxEvent,
+    Patient,
+    new_id,
+    utcnow,
+)
 from saf.routing import RuleSet
 
-STORED_TYPES: Final = ("Patient", "ServiceRequest", "Practitioner", "Organization")
+log = logging.getLogger(__name__)
+
+STORED_TYPES: Final = (
+    "Patient",
+    "ServiceRequest",
+    "Practitioner",
+    "Organization",
+    "DiagnosticReport",
+    "Communication",
+    "DocumentReference",
+    "List",
+)
 """Resource types clients create, read, update, delete and search here."""
+
+BINARY: Final = "Binary"
+"""Created and read only (fhir_api.mhd); its bytes are a sealed blob (saf.documents)."""
+
+REFERENCE_TYPES: Final = (*STORED_TYPES, BINARY)
+"""Types a relative reference is checked against (it must name a live resource here)."""
+
+REPLY_TYPES: Final = ("DiagnosticReport", "Communication", "DocumentReference")
+"""What a specialist may write, about a case they see (it then belongs to the case's
+clinic)."""
+
+CASE_LINKED_TYPES: Final = ("DiagnosticReport", "Communication", "DocumentReference", "List")
+"""Types linked to the case they are about (`FhirResource.case_id`)."""
+
+DOCUMENT_TYPES: Final = ("Binary", "DocumentReference")
+"""Creating one writes a `DOCUMENT_TOPIC` outbox event in the same transaction."""
+
+DOCUMENT_TOPIC: Final = "fhir.document"
+"""Outbox topic of a stored document (payload: type, id, case_id); a record for now."""
+
+REPORT_FINAL: Final = frozenset({"final", "amended", "corrected"})
+"""DiagnosticReport.status values that complete the case."""
+
+COMMUNICATION_SENT: Final = frozenset({"in-progress", "completed"})
+"""Communication.status values of a message that was sent (the others change nothing)."""
 
 V2_0203: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
 """HL7 v2 identifier types (MR medical record number, ACSN accession, PLAC placer)."""
@@ -103,6 +165,13 @@ class PreconditionFailed(StoreError):
     code = "conflict"
 
 
+class Unprocessable(StoreError):
+    """Well-formed but inconsistent with what is stored (an attachment's hash or size)."""
+
+    status = 422
+    code = "processing"
+
+
 class Forbidden(StoreError):
     """The caller may not write here (no clinic to own the resource)."""
 
@@ -138,6 +207,11 @@ class Search:
     subjects: list[list[str]] = field(default_factory=list)
     """``Patient/<id>`` references."""
     statuses: list[list[str]] = field(default_factory=list)
+    tokens: list[tuple[str, list[tuple[str | None, str | None]]]] = field(default_factory=list)
+    """(param, alternatives) for the other token parameters (type, category, code,
+    based-on)."""
+    dates: list[tuple[str, str]] = field(default_factory=list)
+    """(operator, `date_token` text) bounds on the ``date`` parameter (ge or lt)."""
     count: int = 20
     offset: int = 0
     descending: bool = False
@@ -200,11 +274,61 @@ def _subject(content: dict[str, Any]) -> str | None:
     return None
 
 
+def _codings(element: Any) -> Iterator[tuple[str, str]]:
+    items = element if isinstance(element, list) else [element]
+    for concept in items:
+        if isinstance(concept, dict):
+            for coding in concept.get("coding") or []:
+                if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                    system = coding.get("system") if isinstance(coding.get("system"), str) else ""
+                    yield str(system)[:MAX_TOKEN], coding["code"][:MAX_TOKEN]
+
+
+DATE_ELEMENTS: Final[dict[str, tuple[str, ...]]] = {
+    "DocumentReference": ("date",),
+    "DiagnosticReport": ("effectiveDateTime", "issued"),
+    "Communication": ("sent",),
+    "ServiceRequest": ("authoredOn",),
+    "List": ("date",),
+}
+"""The element each type's ``date`` search parameter reads (first one present)."""
+
+
+def date_token(text: str) -> str | None:
+    """A FHIR date/dateTime/instant as a sortable UTC string ``YYYY-MM-DDTHH:MM:SS`` (the
+    start of what it covers), or None when it is not one."""
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        if len(text) == 4 and text.isdigit():
+            return f"{text}-01-01T00:00:00"
+        if len(text) == 7 and text[:4].isdigit():
+            return f"{text}-01T00:00:00"
+        return None
+    if at.tzinfo is not None:
+        at = at.astimezone(UTC).replace(tzinfo=None)
+    return at.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _tokens(content: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     for ident in content.get("identifier") or []:
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
             system = ident.get("system") if isinstance(ident.get("system"), str) else ""
             yield "identifier", str(system)[:MAX_TOKEN], ident["value"][:MAX_TOKEN]
+    master = content.get("masterIdentifier")
+    if isinstance(master, dict) and isinstance(master.get("value"), str):
+        system = master.get("system") if isinstance(master.get("system"), str) else ""
+        yield "identifier", str(system)[:MAX_TOKEN], master["value"][:MAX_TOKEN]
+    for param, element in (("type", "type"), ("category", "category"), ("code", "code")):
+        for system, code in _codings(content.get(element)):
+            yield param, system, code
+    for _path, ref in _refs(content, "basedOn"):
+        yield "based-on", "", ref[:MAX_TOKEN]
+    for element in DATE_ELEMENTS.get(content["resourceType"], ()):
+        value = content.get(element)
+        if isinstance(value, str) and (token := date_token(value)):
+            yield "date", "", token
+            break
 
 
 def _has_type(ident: dict[str, Any], code: str) -> bool:
@@ -233,7 +357,7 @@ def _local_target(ref: str) -> tuple[str, str] | None:
     parts = ref.split("/")
     if (
         len(parts) in (2, 4)
-        and parts[0] in STORED_TYPES
+        and parts[0] in REFERENCE_TYPES
         and (len(parts) == 2 or parts[2] == "_history")
     ):
         return parts[0], parts[1]
@@ -242,13 +366,18 @@ def _local_target(ref: str) -> tuple[str, str] | None:
 
 def _check_references(session: Session, principal: Principal, content: dict[str, Any]) -> None:
     """Every relative reference to a type kept here must name a live resource the caller
-    sees (so a referral cannot point at another clinic's patient)."""
+    sees (so a referral cannot point at another clinic's patient); a ``urn:uuid:`` left
+    unresolved (outside a transaction Bundle, or naming no entry of it) is refused too."""
     for path, ref in references(content, content["resourceType"]):
+        if ref.startswith("urn:uuid:"):
+            raise StoreError(f"reference {ref!r} names no entry of a transaction Bundle", path)
         target = _local_target(ref)
         if target is None:
             continue
         found = session.scalar(
-            tenancy.visible_fhir_resources(principal).where(
+            tenancy.visible_fhir_resources(principal)
+            .with_only_columns(FhirResource.id)
+            .where(
                 FhirResource.id == target[1],
                 FhirResource.resource_type == target[0],
                 FhirResource.deleted.is_(False),
@@ -328,33 +457,225 @@ def referral_of(
     )
 
 
-def _link_referral(
-    hub: Hub, principal: Principal, clinic_id: str, content: dict[str, Any], rules: RuleSet
-) -> str | None:
-    """Make or join the case of a ServiceRequest before it is stored (so every stored
-    referral is linked); on_referral is idempotent, so a retried write joins the same case."""
-    if content["resourceType"] != "ServiceRequest":
+# --------------------------------------------------------------------------- case links
+
+
+def _ref_id(ref: str, resource_type: str) -> str | None:
+    """The id in a relative (or absolute) reference to `resource_type`, else None."""
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def _refs(content: dict[str, Any], *keys: str) -> Iterator[tuple[str, str]]:
+    """(FHIRPath, reference) of the References under the top-level elements `keys`."""
+    resource_type = content["resourceType"]
+    for key in keys:
+        value = content.get(key)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            ref = _reference_of(item)
+            if ref is not None:
+                path = f"{resource_type}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
+                yield path, ref
+
+
+def _case_of(session: Session, principal: Principal, content: dict[str, Any]) -> str | None:
+    """The case a reply, question or document is about, among the cases the caller sees.
+
+    DiagnosticReport: ``basedOn`` a ServiceRequest of a case, or ``imagingStudy`` naming
+    ``ImagingStudy/<saf Study.id>`` of a case. Communication: ``basedOn`` such a
+    ServiceRequest, ``about`` one or ``Task/<case id>``, or ``inResponseTo`` a
+    Communication of a case. DocumentReference: ``context.related`` a ServiceRequest, else
+    the newest open case of its subject Patient. A reference naming a Task or ImagingStudy
+    the caller does not see is refused (StoreError naming it).
+    """
+    resource_type = content["resourceType"]
+    if resource_type not in CASE_LINKED_TYPES:
         return None
-    with hub.sessions() as session:
-        referral = referral_of(session, hub, principal, clinic_id, content)
-    if referral is None:
+    keys = {
+        "DiagnosticReport": ("basedOn", "imagingStudy"),
+        "Communication": ("basedOn", "about", "inResponseTo", "partOf"),
+        "DocumentReference": (),
+        "List": (),
+    }[resource_type]
+    candidates = list(_refs(content, *keys))
+    context = content.get("context")
+    if resource_type == "DocumentReference" and isinstance(context, dict):
+        related = context.get("related") or []
+        for i, item in enumerate(related if isinstance(related, list) else []):
+            ref = _reference_of(item)
+            if ref:
+                candidates.append((f"DocumentReference.context.related[{i}]", ref))
+    for path, ref in candidates:
+        if (task_id := _ref_id(ref, "Task")) is not None:
+            if tenancy.get_case(session, principal, task_id) is None:
+                raise StoreError(f"reference {ref!r} does not resolve to a case here", path)
+            return task_id
+        if (study_pk := _ref_id(ref, "ImagingStudy")) is not None:
+            if tenancy.get_study(session, principal, study_pk) is None:
+                raise StoreError(f"reference {ref!r} does not resolve to a study here", path)
+            found = session.scalar(
+                select(CaseStudy.case_id)
+                .where(CaseStudy.study_pk == study_pk)
+                .order_by(CaseStudy.case_id)
+                .limit(1)
+            )
+            if found:
+                return found
+            continue
+        for linked_type in ("ServiceRequest", "Communication", "DiagnosticReport"):
+            if (rid := _ref_id(ref, linked_type)) is not None:
+                found = session.scalar(
+                    tenancy.visible_fhir_resources(principal)
+                    .with_only_columns(FhirResource.case_id)
+                    .where(FhirResource.id == rid, FhirResource.case_id.is_not(None))
+                )
+                if found:
+                    return found
+    if resource_type == "DocumentReference" and (subject := _subject(content)):
+        patient_pk = session.scalar(
+            tenancy.visible_fhir_resources(principal)
+            .with_only_columns(FhirResource.patient_pk)
+            .where(FhirResource.id == subject.removeprefix("Patient/"))
+        )
+        if patient_pk:
+            return session.scalar(
+                tenancy.visible_cases(principal)
+                .with_only_columns(Case.id)
+                .where(Case.patient_pk == patient_pk, Case.status.in_(list(OPEN)))
+                .order_by(Case.created_at.desc())
+                .limit(1)
+            )
+    return None
+
+
+def _from_clinic(principal: Principal, clinic_id: str) -> bool:
+    return (
+        principal.kind in tenancy.CLINIC_KINDS
+        and principal.clinic_id == clinic_id
+        and (principal.kind != "user" or principal.role == "clinician")
+    )
+
+
+def case_effect(content: dict[str, Any], from_clinic: bool) -> TaskStatus | None:
+    """The case status a reply or question asks for, or None (see the module docstring)."""
+    resource_type, status = content["resourceType"], content.get("status")
+    if resource_type == "DiagnosticReport":
+        if status in REPORT_FINAL:
+            return TaskStatus.COMPLETED
+        if status == "preliminary":
+            return TaskStatus.IN_PROGRESS
+    elif resource_type == "Communication" and status in COMMUNICATION_SENT:
+        if from_clinic and content.get("inResponseTo"):
+            return TaskStatus.IN_PROGRESS
+        if not from_clinic:
+            return TaskStatus.ON_HOLD
+    return None
+
+
+def _next_step(current: TaskStatus, target: TaskStatus) -> TaskStatus | None:
+    """The next legal status on the way from `current` to `target`; None when there is
+    nothing to do (already there, or a step that would move the case backwards)."""
+    if current is target:
         return None
+    if target is TaskStatus.IN_PROGRESS and current is TaskStatus.COMPLETED:
+        return None  # a late preliminary report does not reopen a finished case
+    if current in (TaskStatus.REQUESTED, TaskStatus.RECEIVED):
+        return TaskStatus.ACCEPTED
+    if current is TaskStatus.ACCEPTED:
+        return TaskStatus.ON_HOLD if target is TaskStatus.ON_HOLD else TaskStatus.IN_PROGRESS
+    if current is TaskStatus.ON_HOLD:
+        return TaskStatus.IN_PROGRESS
+    if current is TaskStatus.IN_PROGRESS:
+        return target
+    raise IllegalTransition(f"the case is {current}; it cannot become {target}")
+
+
+def _check_effect(
+    session: Session, case_id: str, content: dict[str, Any], target: TaskStatus
+) -> None:
+    """Refuse (409, before anything is stored) a reply the case's state machine cannot take."""
+    current = session.scalar(select(Case.status).where(Case.id == case_id))
+    if current is None:
+        return
+    if target is TaskStatus.IN_PROGRESS and content["resourceType"] == "Communication":
+        return  # an answer to a case that is not on hold changes nothing
     try:
-        return on_referral(hub, referral, rules)
-    except CaseError as exc:
-        raise StoreError(f"the referral cannot make a case: {exc}", "ServiceRequest") from None
+        _next_step(TaskStatus(current), target)
+    except IllegalTransition as exc:
+        raise VersionConflict(
+            f"case {case_id}: {exc}", f"{content['resourceType']}.status"
+        ) from None
+
+
+def apply_case_effect(
+    hub: Hub, principal: Principal, case_id: str, content: dict[str, Any], target: TaskStatus
+) -> None:
+    """Move the case towards `target` through the legal intermediate states (a specialist
+    claims an unclaimed case on the way). Idempotent: run again, it finds the case there."""
+    if target is TaskStatus.IN_PROGRESS and content["resourceType"] == "Communication":
+        with hub.sessions() as session:
+            if session.scalar(select(Case.status).where(Case.id == case_id)) != "on-hold":
+                return
+    actor = principal.name or principal.id
+    note = f"{content['resourceType']}/{content['id']} {content.get('status')}"
+    for _attempt in range(8):
+        with hub.sessions() as session:
+            row = session.execute(
+                select(Case.status, Case.assigned_to).where(Case.id == case_id)
+            ).first()
+        if row is None:
+            return
+        step = _next_step(TaskStatus(row[0]), target)
+        if step is None:
+            return
+        try:
+            if (
+                step is TaskStatus.ACCEPTED
+                and row[1] is None
+                and principal.kind == "user"
+                and principal.role == "specialist"
+            ):
+                claim(hub, case_id, actor)
+            else:
+                transition(hub, case_id, step, actor=actor, note=note)
+        except ClaimRefused:
+            continue
+        except CaseError as exc:
+            if "changed meanwhile" in str(exc):
+                continue
+            raise
+    raise CaseError(f"case {case_id}: could not reach {target}")
 
 
 # --------------------------------------------------------------------------- writes
 
 
-def _owner(principal: Principal) -> str:
+def _owner(principal: Principal, resource_type: str, case_clinic: str | None) -> str:
+    """The clinic a new resource belongs to: the writer's clinic; for a specialist's
+    reply (REPLY_TYPES), the clinic of the case it is about."""
     clinic = principal.clinic_id if principal.kind in tenancy.CLINIC_KINDS else None
     if principal.kind == "user" and principal.role != "clinician":
         clinic = None
-    if not clinic:
-        raise Forbidden("only a clinic's users and systems write FHIR resources here")
-    return clinic
+    if clinic:
+        return clinic
+    if (
+        principal.kind == "user"
+        and principal.role == "specialist"
+        and resource_type in REPLY_TYPES
+        and case_clinic
+    ):
+        return case_clinic
+    if principal.kind == "user" and principal.role == "specialist":
+        raise Forbidden(
+            f"a specialist writes {', '.join(REPLY_TYPES)} about a case they see "
+            "(basedOn its ServiceRequest, imagingStudy, about its Task), nothing else"
+        )
+    raise Forbidden("only a clinic's users and systems write FHIR resources here")
 
 
 def _write(
@@ -401,7 +722,7 @@ def _patient_link(session: Session, clinic_id: str, content: dict[str, Any]) -> 
 
 
 def _after_link(session: Session, head: FhirResource, case_id: str | None) -> None:
-    """Tie a referral and its subject Patient resource to the case and its patient."""
+    """Tie a resource (and a referral's subject Patient resource) to the case."""
     if case_id is None:
         return
     head.case_id = case_id
@@ -418,35 +739,166 @@ def _after_link(session: Session, head: FhirResource, case_id: str | None) -> No
         )
 
 
-def create(hub: Hub, principal: Principal, content: dict[str, Any], rules: RuleSet) -> Stored:
-    """Store a new resource (the server assigns its id; a client's id is ignored)."""
-    clinic_id = _owner(principal)
-    content = dict(content)
-    resource_id = new_id()
-    now = utcnow()
-    _stamp(content, resource_id, 1, now)
-    with hub.sessions() as session:
-        _check_references(session, principal, content)
-    case_id = _link_referral(hub, principal, clinic_id, content, rules)
-    with transaction(hub.sessions) as session:
-        head = FhirResource(
-            id=resource_id,
-            resource_type=content["resourceType"],
-            clinic_id=clinic_id,
-            version_id=1,
-            last_updated=now,
-            deleted=False,
-            status=_status(content),
-            subject=_subject(content),
-            patient_pk=_patient_link(session, clinic_id, content),
+def _prepare(
+    session: Session, hub: Hub, principal: Principal, content: dict[str, Any]
+) -> tuple[str | None, str | None]:
+    """Checks every write makes before storing: references, attachments, a referral's
+    mapping, the case a reply is about and whether its state machine takes it. Returns
+    (case id, clinic of that case)."""
+    _check_references(session, principal, content)
+    _check_attachments(session, principal, content)
+    case_id = _case_of(session, principal, content)
+    case_clinic = None
+    if case_id is not None:
+        case_clinic = session.scalar(select(Case.clinic_id).where(Case.id == case_id))
+        target = case_effect(content, _from_clinic(principal, case_clinic or ""))
+        if target is not None:
+            _check_effect(session, case_id, content, target)
+    elif (
+        content["resourceType"] in REPLY_TYPES
+        and case_effect(content, False) is not None
+        and principal.kind == "user"
+        and principal.role == "specialist"
+    ):
+        raise StoreError(
+            "a reply must name the case: basedOn its ServiceRequest, imagingStudy "
+            "ImagingStudy/<id> or about Task/<case id>",
+            f"{content['resourceType']}.basedOn",
         )
-        session.add(head)
-        session.flush()
-        _write(session, hub, head, content, "POST", now)
-        _after_link(session, head, case_id)
-    return Stored(
-        head.resource_type, head.id, 1, now, False, content, clinic_id, head.patient_pk, case_id
+    return case_id, case_clinic
+
+
+def create_in(
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    content: dict[str, Any],
+    *,
+    resource_id: str | None = None,
+    document: documents.Sealed | None = None,
+) -> Stored:
+    """Store a new resource in `session` (the caller's transaction); the server assigns the
+    id unless `resource_id` (a transaction's pre-assigned id) is given. A Binary's bytes
+    come as `document` (sealed already); its content keeps no ``data``."""
+    content = dict(content)
+    resource_type = content["resourceType"]
+    case_id, case_clinic = _prepare(session, hub, principal, content)
+    clinic_id = _owner(principal, resource_type, case_clinic)
+    if resource_type == "ServiceRequest":
+        referral_of(session, hub, principal, clinic_id, content)  # refuse a bad mapping now
+    resource_id = resource_id or new_id()
+    now = utcnow()
+    if resource_type == BINARY:
+        content.pop("data", None)  # the bytes are the sealed blob, not the JSON
+    _stamp(content, resource_id, 1, now)
+    head = FhirResource(
+        id=resource_id,
+        resource_type=resource_type,
+        clinic_id=clinic_id,
+        version_id=1,
+        last_updated=now,
+        deleted=False,
+        status=_status(content),
+        subject=_subject(content),
+        patient_pk=_patient_link(session, clinic_id, content),
     )
+    session.add(head)
+    session.flush()
+    _write(session, hub, head, content, "POST", now)
+    _after_link(session, head, case_id)
+    if document is not None:
+        session.add_all(documents.index_rows(document, resource_id, content["contentType"]))
+    if resource_type in DOCUMENT_TYPES:
+        session.add(
+            OutboxEvent(
+                topic=DOCUMENT_TOPIC,
+                payload={"type": resource_type, "id": resource_id, "case_id": case_id},
+            )
+        )
+    session.flush()
+    return Stored(
+        resource_type, resource_id, 1, now, False, content, clinic_id, head.patient_pk, case_id
+    )
+
+
+def settle(
+    hub: Hub, principal: Principal, written: Sequence[Stored], rules: RuleSet
+) -> list[Stored]:
+    """After commit: referrals make or join their case (saf.cases.on_referral), resources
+    about a case not known at write time are linked to it, and replies move their case.
+
+    Every step is idempotent (on_referral finds the same case, a case already at the
+    target status is left alone), so running it again after a crash converges; a failure
+    here never undoes what was stored.
+    """
+    done = list(written)
+    order = sorted(
+        range(len(done)), key=lambda i: done[i].resource_type != "ServiceRequest"
+    )  # referrals first, so a reply or document in the same Bundle finds their case
+    for i in order:
+        stored = done[i]
+        if stored.deleted or stored.content is None:
+            continue
+        content = stored.content
+        case_id = stored.case_id
+        if stored.resource_type == "ServiceRequest":
+            with hub.sessions() as session:
+                referral = referral_of(session, hub, principal, stored.clinic_id, content)
+            if referral is None:
+                continue
+            try:
+                case_id = on_referral(hub, referral, rules)
+            except CaseError as exc:
+                # Stored already: a retry (PUT of the same content) links it later.
+                log.warning("ServiceRequest %s: no case yet: %s", stored.id, exc)
+                continue
+        elif case_id is None and stored.resource_type in CASE_LINKED_TYPES:
+            with hub.sessions() as session:
+                case_id = _case_of(session, principal, content)
+        if case_id is not None and case_id != stored.case_id:
+            with transaction(hub.sessions) as session:
+                head = session.get_one(FhirResource, stored.id)
+                _after_link(session, head, case_id)
+                patient_pk = head.patient_pk
+            done[i] = replace(stored, case_id=case_id, patient_pk=patient_pk)
+        if case_id is not None:
+            with hub.sessions() as session:
+                clinic = session.scalar(select(Case.clinic_id).where(Case.id == case_id))
+            target = case_effect(content, _from_clinic(principal, clinic or ""))
+            if target is not None:
+                try:
+                    apply_case_effect(hub, principal, case_id, content, target)
+                except CaseError as exc:
+                    log.warning("case %s: reply %s not applied: %s", case_id, stored.id, exc)
+    return done
+
+
+def _atomically(
+    hub: Hub, document: documents.Sealed | None, write: Callable[[Session], Stored]
+) -> Stored:
+    try:
+        with transaction(hub.sessions) as session:
+            return write(session)
+    except BaseException:
+        if document is not None:
+            documents.discard(hub, document)
+        raise
+
+
+def create(
+    hub: Hub,
+    principal: Principal,
+    content: dict[str, Any],
+    rules: RuleSet,
+    *,
+    document: documents.Sealed | None = None,
+) -> Stored:
+    """Store a new resource (the server assigns its id; a client's id is ignored) in one
+    transaction, then `settle` its case effects."""
+    stored = _atomically(
+        hub, document, lambda s: create_in(s, hub, principal, content, document=document)
+    )
+    return settle(hub, principal, [stored], rules)[0]
 
 
 def _status(content: dict[str, Any]) -> str | None:
@@ -467,15 +919,28 @@ def _visible_head(
     return head
 
 
-def update(
+def _may_change(principal: Principal, head: FhirResource) -> None:
+    """Writers of an existing resource: its clinic's principals, the hub, and for a reply
+    the specialists who see it."""
+    if principal.kind == "system":
+        return
+    if principal.kind == "user" and principal.role == "specialist":
+        if head.resource_type in REPLY_TYPES:
+            return
+        raise Forbidden(f"a specialist may not change a {head.resource_type}")
+    if _owner(principal, head.resource_type, None) != head.clinic_id:
+        raise NotFound(f"{head.resource_type}/{head.id} is not known")
+
+
+def update_in(
+    session: Session,
     hub: Hub,
     principal: Principal,
     content: dict[str, Any],
-    rules: RuleSet,
     *,
     if_match: int | None = None,
 ) -> Stored:
-    """Store a new version of an existing resource (a deleted one comes back).
+    """Store a new version of an existing resource in `session` (a deleted one comes back).
 
     `if_match` (the version of an ``If-Match`` ETag) must be the current version, else
     PreconditionFailed (412); a ``meta.versionId`` in the body that is not the current
@@ -483,47 +948,50 @@ def update(
     update-as-create: ids are the server's.
     """
     resource_type, resource_id = content["resourceType"], content["id"]
-    with hub.sessions() as session:
-        head = _visible_head(session, principal, resource_type, resource_id)
-        current = head.version_id
-        if if_match is not None and if_match != current:
-            raise PreconditionFailed(
-                f"If-Match names version {if_match}, the current version is {current}"
-            )
-        claimed = (content.get("meta") or {}).get("versionId")
-        if claimed is not None and claimed != str(current):
-            raise VersionConflict(
-                f"meta.versionId is {claimed}, the current version is {current}",
-                f"{resource_type}.meta.versionId",
-            )
-        _check_references(session, principal, content)
+    if resource_type == "Binary":
+        raise Forbidden("a Binary is not changed; create a new one", "Binary")
+    head = _visible_head(session, principal, resource_type, resource_id)
+    current = head.version_id
+    if if_match is not None and if_match != current:
+        raise PreconditionFailed(
+            f"If-Match names version {if_match}, the current version is {current}"
+        )
+    claimed = (content.get("meta") or {}).get("versionId")
+    if claimed is not None and claimed != str(current):
+        raise VersionConflict(
+            f"meta.versionId is {claimed}, the current version is {current}",
+            f"{resource_type}.meta.versionId",
+        )
+    _may_change(principal, head)
     clinic_id = head.clinic_id
-    if principal.kind != "system" and _owner(principal) != clinic_id:
-        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    case_id, _case_clinic = _prepare(session, hub, principal, content)
+    if resource_type == "ServiceRequest":
+        referral_of(session, hub, principal, clinic_id, content)
     content = dict(content)
     now = utcnow()
     version = current + 1
     _stamp(content, resource_id, version, now)
-    case_id = _link_referral(hub, principal, clinic_id, content, rules)
-    with transaction(hub.sessions) as session:
-        moved = session.execute(
-            sql_update(FhirResource)
-            .where(FhirResource.id == resource_id, FhirResource.version_id == current)
-            .values(
-                version_id=version,
-                last_updated=now,
-                deleted=False,
-                status=_status(content),
-                subject=_subject(content),
-            )
+    moved = session.execute(
+        sql_update(FhirResource)
+        .where(FhirResource.id == resource_id, FhirResource.version_id == current)
+        .values(
+            version_id=version,
+            last_updated=now,
+            deleted=False,
+            status=_status(content),
+            subject=_subject(content),
         )
-        if moved.rowcount != 1:  # type: ignore[attr-defined]
-            raise VersionConflict(f"{resource_type}/{resource_id} changed while being updated")
-        head = session.get_one(FhirResource, resource_id)
-        _write(session, hub, head, content, "PUT", now)
-        if head.patient_pk is None:
-            head.patient_pk = _patient_link(session, clinic_id, content)
+        .execution_options(synchronize_session=False)
+    )
+    if moved.rowcount != 1:  # type: ignore[attr-defined]
+        raise VersionConflict(f"{resource_type}/{resource_id} changed while being updated")
+    session.refresh(head)
+    _write(session, hub, head, content, "PUT", now)
+    if head.patient_pk is None:
+        head.patient_pk = _patient_link(session, clinic_id, content)
+    if case_id is not None and head.case_id is None:
         _after_link(session, head, case_id)
+    session.flush()
     return Stored(
         resource_type,
         resource_id,
@@ -538,37 +1006,139 @@ def update(
     )
 
 
-def delete(hub: Hub, principal: Principal, resource_type: str, resource_id: str) -> Stored:
-    """Delete a resource softly: a version with no content; its history stays. Deleting a
+def update(
+    hub: Hub,
+    principal: Principal,
+    content: dict[str, Any],
+    rules: RuleSet,
+    *,
+    if_match: int | None = None,
+) -> Stored:
+    """`update_in` in its own transaction, then `settle` its case effects."""
+    stored = _atomically(
+        hub, None, lambda s: update_in(s, hub, principal, content, if_match=if_match)
+    )
+    return settle(hub, principal, [stored], rules)[0]
+
+
+def delete_in(
+    session: Session, hub: Hub, principal: Principal, resource_type: str, resource_id: str
+) -> Stored:
+    """Delete softly in `session`: a version with no content; its history stays. Deleting a
     deleted resource changes nothing. A referral's case is not cancelled by this."""
-    with transaction(hub.sessions) as session:
-        head = _visible_head(session, principal, resource_type, resource_id)
-        if principal.kind != "system" and _owner(principal) != head.clinic_id:
-            raise NotFound(f"{resource_type}/{resource_id} is not known")
-        if not head.deleted:
-            now = utcnow()
-            current = head.version_id
-            moved = session.execute(
-                sql_update(FhirResource)
-                .where(FhirResource.id == resource_id, FhirResource.version_id == current)
-                .values(version_id=current + 1, last_updated=now, deleted=True)
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
-                raise VersionConflict(f"{resource_type}/{resource_id} changed while deleted")
-            session.refresh(head)
-            _write(session, hub, head, None, "DELETE", now)
-        return Stored(
-            resource_type,
-            resource_id,
-            head.version_id,
-            head.last_updated,
-            True,
-            None,
-            head.clinic_id,
-            head.patient_pk,
-            head.case_id,
-            "DELETE",
+    head = _visible_head(session, principal, resource_type, resource_id)
+    _may_change(principal, head)
+    if not head.deleted:
+        now = utcnow()
+        current = head.version_id
+        moved = session.execute(
+            sql_update(FhirResource)
+            .where(FhirResource.id == resource_id, FhirResource.version_id == current)
+            .values(version_id=current + 1, last_updated=now, deleted=True)
+            .execution_options(synchronize_session=False)
         )
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            raise VersionConflict(f"{resource_type}/{resource_id} changed while deleted")
+        session.refresh(head)
+        _write(session, hub, head, None, "DELETE", now)
+    return Stored(
+        resource_type,
+        resource_id,
+        head.version_id,
+        head.last_updated,
+        True,
+        None,
+        head.clinic_id,
+        head.patient_pk,
+        head.case_id,
+        "DELETE",
+    )
+
+
+def delete(hub: Hub, principal: Principal, resource_type: str, resource_id: str) -> Stored:
+    """`delete_in` in its own transaction."""
+    return _atomically(
+        hub, None, lambda s: delete_in(s, hub, principal, resource_type, resource_id)
+    )
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _attachments(content: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(FHIRPath, Attachment) of the attachments whose bytes are checked on the way in."""
+    resource_type = content["resourceType"]
+    if resource_type == "DocumentReference":
+        for i, item in enumerate(content.get("content") or []):
+            if isinstance(item, dict) and isinstance(item.get("attachment"), dict):
+                yield f"DocumentReference.content[{i}].attachment", item["attachment"]
+    elif resource_type == "DiagnosticReport":
+        for i, item in enumerate(content.get("presentedForm") or []):
+            if isinstance(item, dict):
+                yield f"DiagnosticReport.presentedForm[{i}]", item
+
+
+def _check_attachments(session: Session, principal: Principal, content: dict[str, Any]) -> None:
+    """An attachment's ``url`` ``Binary/<id>`` must be a Binary the caller sees, and its
+    ``size`` and ``hash`` (base64 SHA-1) must be those of the bytes (stored, or inline
+    ``data``); Unprocessable (422) naming the element otherwise."""
+    for path, attachment in _attachments(content):
+        size, sha1 = None, None
+        if isinstance(attachment.get("data"), str):
+            try:
+                data = base64.b64decode(attachment["data"], validate=True)
+            except ValueError:
+                raise StoreError("data is not base64", f"{path}.data") from None
+            size, sha1 = len(data), hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        elif isinstance(attachment.get("url"), str):
+            binary_id = _ref_id(attachment["url"], "Binary")
+            if binary_id is None:
+                continue  # an external URL: nothing here to check it against
+            row = session.execute(
+                tenancy.visible_fhir_resources(principal)
+                .with_only_columns(FhirBinary.size, FhirBinary.sha1)
+                .join(FhirBinary, FhirBinary.resource_id == FhirResource.id)
+                .where(FhirResource.id == binary_id, FhirResource.deleted.is_(False))
+            ).first()
+            if row is None:
+                raise StoreError(
+                    f"url {attachment['url']!r} does not resolve to a Binary here", f"{path}.url"
+                )
+            size, sha1 = row
+        else:
+            continue
+        claimed_size = attachment.get("size")
+        if claimed_size is not None and claimed_size != size:
+            raise Unprocessable(
+                f"size is {claimed_size} but the document has {size} bytes", f"{path}.size"
+            )
+        claimed_hash = attachment.get("hash")
+        if claimed_hash is not None:
+            try:
+                claimed_hex = base64.b64decode(claimed_hash, validate=True).hex()
+            except ValueError:
+                raise StoreError("hash is not base64", f"{path}.hash") from None
+            if claimed_hex != sha1:
+                raise Unprocessable(
+                    f"hash is not the SHA-1 of the document's bytes (the bytes' SHA-1 is {sha1})",
+                    f"{path}.hash",
+                )
+
+
+def read_binary(hub: Hub, principal: Principal, resource_id: str) -> tuple[Stored, str, bytes]:
+    """A Binary the caller sees: its resource, media type and bytes (authenticated)."""
+    stored = read(hub, principal, "Binary", resource_id)
+    with hub.sessions() as session:
+        row = session.execute(
+            select(FhirBinary, Blob)
+            .join(Blob, Blob.id == FhirBinary.blob_id)
+            .where(FhirBinary.resource_id == resource_id)
+        ).first()
+        if row is None:
+            raise NotFound(f"Binary/{resource_id} has no content")
+        binary, blob = row
+        session.expunge(blob)
+    return stored, binary.content_type, documents.read(hub, blob)
 
 
 # --------------------------------------------------------------------------- reads
@@ -655,8 +1225,17 @@ def _token_clause(
     return select(FhirToken.id).where(or_(*options)).exists()
 
 
-def search(
-    hub: Hub, principal: Principal, resource_type: str, query: Search
+def _date_clause(op: str, at: str) -> ColumnElement[bool]:
+    value = FhirToken.value >= at if op == "ge" else FhirToken.value < at
+    return (
+        select(FhirToken.id)
+        .where(FhirToken.resource_id == FhirResource.id, FhirToken.param == "date", value)
+        .exists()
+    )
+
+
+def search_in(
+    session: Session, hub: Hub, principal: Principal, resource_type: str, query: Search
 ) -> tuple[list[Stored], int]:
     """One page of the live resources of `resource_type` the caller sees that match
     `query`, ordered by last update then id (a stable order), and the total."""
@@ -667,6 +1246,8 @@ def search(
     where += [FhirResource.id.in_(ids) for ids in query.ids]
     where += [_between(op, at) for op, at in query.last_updated]
     where += [_token_clause("identifier", alts) for alts in query.identifiers]
+    where += [_token_clause(param, alts) for param, alts in query.tokens]
+    where += [_date_clause(op, at) for op, at in query.dates]
     where += [FhirResource.subject.in_(refs) for refs in query.subjects]
     where += [FhirResource.status.in_(codes) for codes in query.statuses]
     base = tenancy.visible_fhir_resources(principal).where(*where)
@@ -675,12 +1256,19 @@ def search(
         if query.descending
         else (FhirResource.last_updated, FhirResource.id)
     )
-    with hub.sessions() as session:
-        total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
-        page = base.order_by(*order).limit(query.count).offset(query.offset)
-        rows = session.execute(_with_current(page)).all()
-        found = [_stored(hub, row[0], row[1]) for row in rows]
+    total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
+    page = base.order_by(*order).limit(query.count).offset(query.offset)
+    rows = session.execute(_with_current(page)).all()
+    found = [_stored(hub, row[0], row[1]) for row in rows]
     return found, int(total)
+
+
+def search(
+    hub: Hub, principal: Principal, resource_type: str, query: Search
+) -> tuple[list[Stored], int]:
+    """`search_in` in a session of its own."""
+    with hub.sessions() as session:
+        return search_in(session, hub, principal, resource_type, query)
 
 
 # --------------------------------------------------------------------------- key rotation

@@ -17,8 +17,29 @@ destinations. A rule without conditions forwards every study::
     destination = "https://archive.example.org/dicomweb"
     token_env = "ARCHIVE_TOKEN"   # bearer token read from this variable when sending
 
-``event`` (default ``["study.stable"]``) may also name ``"reply"``, accepted for the
-replies the consult workflow will forward; nothing queues that event yet.
+    [[rule]]
+    name = "research-archive"
+    event = ["study.stable", "reply"]
+    destination = "dicoms://RESEARCH@research.example.org:2762"
+    tls_sha256 = "9f86d0...0f00a08"   # optional pin of the destination's certificate
+    deidentify = true                  # PS3.15 Basic Profile, see saf.deidentify
+
+``event`` (default ``["study.stable"]``) may also name ``"reply"``: a signed consult reply
+(the ``case.replied`` outbox event, :func:`enqueue_reply`) queues one job per matching
+destination that sends ONLY the reply's series (SR, GSPS; the rule's ``modality`` is
+matched against the reply series' modalities, e.g. ``["SR", "PR"]``). The clinic's own
+PACS gets replies without any rule: every DICOM peer of the case's clinic registered with
+the ``reply`` permission and a host and port (``saf clinic add --allow store,reply --host
+--port``) gets a C-STORE job for the reply.
+
+``dicoms://`` is C-STORE over TLS (PS3.15 Annex B): the destination's certificate must
+chain to SAF_FORWARD_TLS_CA (else SAF_DICOM_TLS_CA, else the system roots) and be valid
+for its host; ``tls_sha256`` also pins it. The hub presents SAF_DICOM_TLS_CERT/KEY when
+the destination asks for a client certificate.
+
+With ``deidentify = true`` each instance is de-identified for that destination just
+before sending (saf.deidentify: keyed, deterministic remapping, so retries and resends
+carry the same UIDs); the ack table records the SOP Instance UID the destination holds.
 
 Sending is not done here: the composition root hands a :data:`Transport` (see
 ``dicom_node.forward``) to :func:`run_job` / :class:`Forwarder`, so the core never imports
@@ -28,6 +49,8 @@ the DICOM package.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import os
 import random
@@ -37,7 +60,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -49,8 +72,18 @@ from sqlalchemy.orm import joinedload
 from saf import audit, vault
 from saf.aetitle import check_ae_title
 from saf.db import transaction
+from saf.deidentify import Deidentifier, DeidentifyError, destination_seed, hub_secret
 from saf.hub import Hub
-from saf.models import Clinic, ForwardAck, ForwardJob, Instance, Series, Study, utcnow
+from saf.models import (
+    Clinic,
+    DicomPeer,
+    ForwardAck,
+    ForwardJob,
+    Instance,
+    Series,
+    Study,
+    utcnow,
+)
 
 # The routing rules' error type and line-finding helpers: one way to report a rules
 # file's mistakes (file, line, rule, "did you mean"), whichever file it is.
@@ -65,8 +98,9 @@ EVENTS: Final = ("study.stable", "reply")
 """Events a forwarding rule can name."""
 
 RULE_KEYS: Final = frozenset(
-    {"name", "destination", "event", "clinic", "modality", "token_env", "deidentify"}
-)
+    {"name", "destination", "event", "clinic", "modality", "token_env", "deidentify",
+     "tls_sha256"}
+)  # fmt: skip
 """Every key a forwarding ``[[rule]]`` table may have."""
 
 State = Literal["pending", "sending", "done", "failed"]
@@ -86,11 +120,16 @@ class Destination:
     port: int
     ae_title: str = ""
     """Called AE title (dicom destinations)."""
+    tls: bool = False
+    """dicoms://: C-STORE over TLS."""
+    tls_sha256: str | None = None
+    """Pinned SHA-256 of the destination's certificate (from the rule; not in the URL)."""
 
     @classmethod
     def parse(cls, url: str) -> Destination:
-        """``dicom://AET@host:port`` or ``https://host[:port]/path`` (``http://`` too);
-        raises :class:`RulesError` saying what a valid one looks like."""
+        """``dicom://AET@host:port``, ``dicoms://AET@host:port`` (TLS) or
+        ``https://host[:port]/path`` (``http://`` too); raises :class:`RulesError` saying
+        what a valid one looks like."""
         if not isinstance(url, str) or not url.strip():
             raise RulesError(
                 'destination must be a string, e.g. "dicom://PACS@pacs.example.org:104"',
@@ -102,7 +141,8 @@ class Destination:
             port = parts.port
         except ValueError:
             port = -1
-        if parts.scheme == "dicom":
+        if parts.scheme in ("dicom", "dicoms"):
+            example_port = 2762 if parts.scheme == "dicoms" else 104
             problem = None
             if not parts.username or not parts.hostname or port is None or port < 1:
                 problem = "needs an AE title, a host and a port"
@@ -114,11 +154,13 @@ class Destination:
             if problem or parts.path not in ("", "/") or parts.password is not None:
                 raise RulesError(
                     f'destination "{url}" {problem or "has extra parts"}: write it as '
-                    '"dicom://AET@host:port", e.g. "dicom://PACS@pacs.example.org:104"',
+                    f'"{parts.scheme}://AET@host:port", e.g. '
+                    f'"{parts.scheme}://PACS@pacs.example.org:{example_port}"',
                     key="destination",
                 )
             assert parts.hostname is not None and port is not None
-            return cls(url, "dicom", parts.hostname, port, ae_title=str(parts.username))
+            return cls(url, "dicom", parts.hostname, port, ae_title=str(parts.username),
+                       tls=parts.scheme == "dicoms")  # fmt: skip
         if parts.scheme in ("https", "http"):
             if not parts.hostname or port == -1 or parts.username or parts.query:
                 raise RulesError(
@@ -129,10 +171,10 @@ class Destination:
                 )
             default = 443 if parts.scheme == "https" else 80
             return cls(url.rstrip("/"), "dicomweb", parts.hostname, port or default)
-        hint = difflib.get_close_matches(parts.scheme, ["dicom", "https", "http"], n=1)
+        hint = difflib.get_close_matches(parts.scheme, ["dicom", "dicoms", "https", "http"], n=1)
         raise RulesError(
-            f'destination "{url}" must start with dicom:// (C-STORE) or https:// (STOW-RS)'
-            + (f'; did you mean "{hint[0]}://"?' if hint else ""),
+            f'destination "{url}" must start with dicom:// (C-STORE), dicoms:// (C-STORE over '
+            "TLS) or https:// (STOW-RS)" + (f'; did you mean "{hint[0]}://"?' if hint else ""),
             key="destination",
         )
 
@@ -164,6 +206,10 @@ class ForwardRule:
     modality: frozenset[str] | None = None
     """Modalities (upper case); the study matches when any series has one. None: any."""
     token_env: str | None = None
+    deidentify: bool = False
+    """Send de-identified (saf.deidentify)."""
+    tls_sha256: str | None = None
+    """dicoms:// only: the destination certificate's SHA-256 (hex, lower case, no colons)."""
 
     def __post_init__(self) -> None:
         name: object = self.name
@@ -204,6 +250,23 @@ class ForwardRule:
                     rule=self.name,
                     key="token_env",
                 )
+        pin: object = self.tls_sha256
+        if pin is not None:
+            text = pin.replace(":", "").strip().lower() if isinstance(pin, str) else ""
+            if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+                raise RulesError(
+                    "tls_sha256 must be a certificate's SHA-256 fingerprint: 64 hex digits "
+                    '(colons allowed), e.g. from "openssl x509 -noout -fingerprint -sha256"',
+                    rule=self.name,
+                    key="tls_sha256",
+                )
+            if not self.destination.tls:
+                raise RulesError(
+                    "tls_sha256 applies to dicoms:// (DICOM TLS) destinations only",
+                    rule=self.name,
+                    key="tls_sha256",
+                )
+            object.__setattr__(self, "tls_sha256", text)
 
     def matches(self, event: str, clinic: str, modalities: Iterable[str]) -> bool:
         """True when the event, the clinic and one of the study's modalities fit the rule."""
@@ -291,14 +354,6 @@ def _rule_from_table(table: dict[str, Any]) -> ForwardRule:
     deidentify = table.get("deidentify", False)
     if not isinstance(deidentify, bool):
         raise RulesError("deidentify must be true or false", rule=shown, key="deidentify")
-    if deidentify:
-        # Refused rather than ignored: ignoring it would send identified data.
-        raise RulesError(
-            "deidentify = true is not supported yet; remove the rule or the key "
-            "(studies would otherwise leave identified)",
-            rule=shown,
-            key="deidentify",
-        )
     if "destination" not in table:
         raise RulesError(
             'missing destination; add e.g. destination = "dicom://PACS@pacs.example.org:104"',
@@ -317,6 +372,8 @@ def _rule_from_table(table: dict[str, Any]) -> ForwardRule:
             clinic=table.get("clinic"),
             modality=table.get("modality"),
             token_env=table.get("token_env"),
+            deidentify=deidentify,
+            tls_sha256=table.get("tls_sha256"),
         )
     except RulesError as exc:
         raise RulesError(exc.problem, rule=exc.rule or shown, key=exc.key) from None
@@ -418,22 +475,22 @@ def enqueue_study(
             for m in session.scalars(select(Series.modality).where(Series.study_pk == study_id))
             if m
         }
-        by_destination: dict[str, ForwardRule] = {}
-        for rule in rules.matching(event, clinic.name if clinic else "", modalities):
-            by_destination.setdefault(rule.destination.url, rule)
+        targets = _targets(rules.matching(event, clinic.name if clinic else "", modalities))
         ids: list[int] = []
-        for url, rule in by_destination.items():
+        for url, target in targets.items():
             job = session.scalars(
                 select(ForwardJob)
-                .where(ForwardJob.destination == url, ForwardJob.study_pk == study_id)
+                .where(
+                    ForwardJob.destination == url,
+                    ForwardJob.study_pk == study_id,
+                    ForwardJob.scope == "",
+                )
                 .with_for_update()
             ).first()
             if job is None:
                 job = ForwardJob(
                     destination=url,
                     study_pk=study_id,
-                    rule=rule.name,
-                    token_env=rule.token_env,
                     state="pending",
                     study_stable_at=study.stable_at,
                     next_attempt_at=now,
@@ -441,6 +498,7 @@ def enqueue_study(
                     created_at=now,
                     updated_at=now,
                 )
+                target.apply(job)
                 session.add(job)
                 session.flush()
             elif job.study_stable_at != study.stable_at:
@@ -450,10 +508,121 @@ def enqueue_study(
                 job.next_attempt_at = job.queued_at = job.updated_at = now
                 job.study_stable_at = study.stable_at
                 job.last_error = None
-                job.rule, job.token_env = rule.name, rule.token_env
+                target.apply(job)
             ids.append(int(job.id))
     if ids:
         log.info("study %s queued for %d destination(s)", study_id, len(ids))
+    return ids
+
+
+@dataclass(frozen=True)
+class _Target:
+    """How one destination gets a study: from its (first) rule, or from a reply peer."""
+
+    rule: str
+    token_env: str | None = None
+    deidentify: bool = False
+    tls_sha256: str | None = None
+
+    def apply(self, job: ForwardJob) -> None:
+        job.rule, job.token_env = self.rule[:64], self.token_env
+        job.deidentify, job.tls_sha256 = self.deidentify, self.tls_sha256
+
+
+def _targets(rules: Iterable[ForwardRule]) -> dict[str, _Target]:
+    """One target per destination URL; the first rule names the job, and the destination
+    is de-identified when ANY of its matching rules asks for it (never leak by rule order)."""
+    out: dict[str, _Target] = {}
+    for rule in rules:
+        url = rule.destination.url
+        first = out.setdefault(url, _Target(rule.name, rule.token_env, rule.deidentify,
+                                            rule.tls_sha256))  # fmt: skip
+        if rule.deidentify and not first.deidentify:
+            out[url] = _Target(first.rule, first.token_env, True, first.tls_sha256)
+    return out
+
+
+def enqueue_reply(hub: Hub, payload: dict[str, Any]) -> list[int]:
+    """Queue a signed reply's series (the ``case.replied`` outbox event) for every
+    destination whose rules name the ``reply`` event and match the clinic and the reply
+    series' modalities, and for every DICOM peer of the clinic allowed ``reply``; returns
+    the job ids. Each job sends only the reply's series of one study.
+
+    Idempotent: a redelivered event finds its jobs (the scope is a digest of the study's
+    reply series) and queues nothing new; an amended reply (new series) is a new job.
+    """
+    study_ids, series_uids = payload.get("study_ids"), payload.get("series_instance_uids")
+    if not (
+        isinstance(study_ids, list)
+        and isinstance(series_uids, list)
+        and all(isinstance(x, str) for x in [*study_ids, *series_uids])
+    ):
+        log.error("case.replied event for case %s without study_ids/series_instance_uids "
+                  "lists; nothing forwarded", payload.get("case_id"))  # fmt: skip
+        return []
+    if not study_ids or not series_uids:
+        return []
+    rules = rules_in_force(hub)
+    now = utcnow()
+    ids: list[int] = []
+    with transaction(hub.sessions) as session:
+        for study_id in dict.fromkeys(study_ids):
+            study = session.get(Study, study_id)
+            if study is None:
+                log.warning("reply of case %s: study %s not indexed; not forwarded",
+                            payload.get("case_id"), study_id)  # fmt: skip
+                continue
+            series = session.execute(
+                select(Series.series_instance_uid, Series.modality).where(
+                    Series.study_pk == study_id, Series.series_instance_uid.in_(series_uids)
+                )
+            ).all()
+            if not series:
+                continue
+            uids = sorted({uid for uid, _ in series})
+            modalities = {m for _, m in series if m}
+            clinic = session.get(Clinic, study.clinic_id)
+            targets = _targets(rules.matching("reply", clinic.name if clinic else "", modalities))
+            for peer in session.scalars(
+                select(DicomPeer)
+                .where(DicomPeer.clinic_id == study.clinic_id)
+                .order_by(DicomPeer.ae_title)
+            ):
+                if "reply" not in peer.permissions.split(","):
+                    continue
+                if not peer.host or not peer.port:
+                    log.warning("peer %s may receive replies but has no host and port; "
+                                "reply not sent to it", peer.ae_title)  # fmt: skip
+                    continue
+                url = f"dicom://{peer.ae_title}@{peer.host}:{peer.port}"
+                targets.setdefault(url, _Target(f"clinic peer {peer.ae_title}"))
+            scope = "reply:" + hashlib.sha256("\n".join(uids).encode()).hexdigest()[:32]
+            for url, target in targets.items():
+                job = session.scalars(
+                    select(ForwardJob).where(
+                        ForwardJob.destination == url,
+                        ForwardJob.study_pk == study_id,
+                        ForwardJob.scope == scope,
+                    )
+                ).first()
+                if job is None:
+                    job = ForwardJob(
+                        destination=url,
+                        study_pk=study_id,
+                        scope=scope,
+                        series_uids=json.dumps(uids),
+                        state="pending",
+                        next_attempt_at=now,
+                        queued_at=now,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    target.apply(job)
+                    session.add(job)
+                    session.flush()
+                ids.append(int(job.id))
+    if ids:
+        log.info("reply of case %s queued: %d job(s)", payload.get("case_id"), len(ids))
     return ids
 
 
@@ -540,14 +709,19 @@ def retry_delay(hub: Hub, attempts: int, rng: random.Random | None = None) -> fl
     return float(exp / 2 + (rng or random).uniform(0, exp / 2))
 
 
-def _newest_instances(session: Any, study_id: str) -> list[Instance]:
-    rows = session.scalars(
+def _newest_instances(
+    session: Any, study_id: str, series_uids: list[str] | None = None
+) -> list[Instance]:
+    stmt = (
         select(Instance)
         .options(joinedload(Instance.blob))
         .join(Series, Instance.series_pk == Series.id)
         .where(Series.study_pk == study_id)
         .order_by(Series.series_number, Instance.instance_number, Instance.version)
     )
+    if series_uids is not None:  # a reply job: only the reply's series
+        stmt = stmt.where(Series.series_instance_uid.in_(series_uids))
+    rows = session.scalars(stmt)
     newest: dict[str, Instance] = {}
     for inst in rows:
         current = newest.get(inst.sop_instance_uid)
@@ -588,18 +762,22 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
             session.commit()
             return JobResult(claim.job_id, "failed", 0, 0, job.last_error)
         token = os.environ.get(job.token_env) if job.token_env else None
+        destination = replace(destination, tls_sha256=job.tls_sha256)
+        deidentify = job.deidentify
         acked = set(
             session.scalars(select(ForwardAck.instance_id).where(ForwardAck.job_id == job.id))
         )
-        instances = _newest_instances(session, study.id)
+        only = json.loads(job.series_uids) if job.series_uids else None
+        instances = _newest_instances(session, study.id, only)
         todo = [i for i in instances if i.id not in acked]
         clinic_id, patient_pk, study_pk = study.clinic_id, study.patient_pk, study.id
         queued_at, attempts = job.queued_at, job.attempts
         session.expunge_all()
     outcome = SendOutcome()
+    sent_uids: dict[str, str] = {}
     if todo:
         with _Heartbeat(hub, claim):
-            outcome = _send(hub, destination, todo, token, transport)
+            outcome, sent_uids = _send(hub, destination, todo, token, transport, deidentify)
     now = utcnow()
     remaining = len(todo) - len(outcome.acked)
     error: str | None = None
@@ -617,7 +795,8 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
             next_at = now + timedelta(seconds=retry_delay(hub, attempts))
     with transaction(hub.sessions) as session:
         for instance_id in outcome.acked:
-            session.add(ForwardAck(job_id=claim.job_id, instance_id=instance_id, acked_at=now))
+            session.add(ForwardAck(job_id=claim.job_id, instance_id=instance_id, acked_at=now,
+                                   sent_sop_instance_uid=sent_uids.get(instance_id)))  # fmt: skip
         values: dict[str, Any] = {
             "instances_total": len(instances),
             "instances_sent": len(instances) - remaining,
@@ -664,7 +843,8 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
             clinic_id=clinic_id,
             patient_pk=patient_pk,
             detail=f"forward job={claim.job_id} destination={destination.host}:"
-            f"{destination.port} sent={len(outcome.acked)} remaining={remaining} state={state}",
+            f"{destination.port} sent={len(outcome.acked)} remaining={remaining} state={state}"
+            + (" deidentified" if deidentify else ""),
         )
     if state == "done":
         log.info("forward job %d to %s done", claim.job_id, claim.destination)
@@ -714,8 +894,15 @@ def _send(
     todo: list[Instance],
     token: str | None,
     transport: Transport,
-) -> SendOutcome:
-    """Decrypt the instances to a private temp dir (verified, as stored) and send them."""
+    deidentify: bool = False,
+) -> tuple[SendOutcome, dict[str, str]]:
+    """Decrypt the instances to a private temp dir (verified, as stored), de-identify them
+    for this destination if asked, and send them. Returns the outcome and, per instance
+    id, the SOP Instance UID that was sent."""
+    deidentifier = None
+    if deidentify:
+        secret = hub_secret(hub.settings.data_dir)
+        deidentifier = Deidentifier(destination_seed(secret, destination.url))
     hub.settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = Path(tempfile.mkdtemp(prefix="forward-", dir=hub.settings.spool_dir))
     errors: dict[str, str] = {}
@@ -728,10 +915,23 @@ def _send(
             except Exception as exc:  # a damaged blob fails this instance, not the job
                 errors[inst.id] = f"cannot read stored instance {inst.id}: {type(exc).__name__}"
                 continue
-            files.append(OutgoingFile(inst.id, path, inst.sop_instance_uid, inst.sop_class_uid,
+            uid = inst.sop_instance_uid
+            if deidentifier is not None:
+                clean = tmp / f"{inst.id}.deid.dcm"
+                try:
+                    uid = deidentifier.file(path, clean)
+                except Exception as exc:  # this instance stays unsent, with the reason
+                    why = str(exc) if isinstance(exc, DeidentifyError) else type(exc).__name__
+                    errors[inst.id] = f"cannot de-identify instance {inst.id}: {why}"[:256]
+                    continue
+                finally:
+                    path.unlink(missing_ok=True)  # identified bytes gone as soon as possible
+                path = clean
+            files.append(OutgoingFile(inst.id, path, uid, inst.sop_class_uid,
                                       inst.transfer_syntax_uid))  # fmt: skip
+        sent_uids = {f.instance_id: f.sop_instance_uid for f in files}
         if not files:
-            return SendOutcome(errors=errors)
+            return SendOutcome(errors=errors), sent_uids
         try:
             outcome = transport(destination, files, token)
         except Exception as exc:  # a transport bug must not kill the sender loop
@@ -740,7 +940,7 @@ def _send(
                 errors={f.instance_id: f"send failed: {type(exc).__name__}" for f in files}
             )
         outcome.errors = {**errors, **outcome.errors}
-        return outcome
+        return outcome, sent_uids
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -898,7 +1098,102 @@ def retry(hub: Hub, *, destination: str | None = None, failed_only: bool = False
     return int(failed or 0) + int(pending or 0)
 
 
-def enqueue_reply(hub: Hub, payload: dict[str, Any]) -> list[int]:
-    """Queue a signed reply's objects (the ``case.replied`` outbox event) for every
-    destination whose rules name the ``reply`` event; returns the job ids."""
-    return []
+@dataclass(frozen=True)
+class JobView:
+    """One job as operators see it (ids, UIDs of what was sent, counts; never names)."""
+
+    id: int
+    destination: str
+    rule: str
+    state: str
+    study_id: str
+    scope: str
+    series_uids: list[str] | None
+    deidentify: bool
+    attempts: int
+    instances_total: int
+    instances_sent: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    queued_at: datetime
+    updated_at: datetime
+
+
+def _view(job: ForwardJob) -> JobView:
+    return JobView(
+        int(job.id), job.destination, job.rule, job.state, job.study_pk, job.scope,
+        json.loads(job.series_uids) if job.series_uids else None, job.deidentify, job.attempts,
+        job.instances_total, job.instances_sent, job.last_error,
+        job.next_attempt_at if job.state == "pending" else None, job.queued_at, job.updated_at,
+    )  # fmt: skip
+
+
+def list_jobs(
+    hub: Hub,
+    *,
+    destination: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[JobView], int]:
+    """Jobs, newest first, optionally of one destination and/or state; and the total."""
+    where = []
+    if destination is not None:
+        where.append(ForwardJob.destination == destination)
+    if state is not None:
+        where.append(ForwardJob.state == state)
+    with hub.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(ForwardJob).where(*where)) or 0
+        jobs = session.scalars(
+            select(ForwardJob).where(*where).order_by(ForwardJob.id.desc()).limit(limit)
+            .offset(offset)
+        ).all()  # fmt: skip
+        return [_view(j) for j in jobs], int(total)
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """A job and what its destination acknowledged: instance id -> the UID it holds."""
+
+    job: JobView
+    acked: dict[str, str | None]
+    clinic_id: str | None
+    patient_pk: str | None
+    """For the audit record of who looked (not shown)."""
+
+
+def get_job(hub: Hub, job_id: int) -> JobDetail | None:
+    """One job with its acknowledgements; None if there is no such job."""
+    with hub.sessions() as session:
+        job = session.get(ForwardJob, job_id)
+        if job is None:
+            return None
+        acked = {
+            instance_id: uid
+            for instance_id, uid in session.execute(
+                select(ForwardAck.instance_id, ForwardAck.sent_sop_instance_uid)
+                .where(ForwardAck.job_id == job_id)
+                .order_by(ForwardAck.acked_at, ForwardAck.instance_id)
+            )
+        }
+        study = session.get(Study, job.study_pk)
+        if study is None:
+            return JobDetail(_view(job), acked, None, None)
+        return JobDetail(_view(job), acked, study.clinic_id, study.patient_pk)
+
+
+def retry_job(hub: Hub, job_id: int) -> State | None:
+    """Make one job due now (a failed one gets a fresh retry window and attempt count);
+    returns its state afterwards, or None if there is no such job. A job that is done or
+    sending is left as it is."""
+    now = utcnow()
+    with transaction(hub.sessions) as session:
+        job = session.get(ForwardJob, job_id, with_for_update=True)
+        if job is None:
+            return None
+        if job.state == "pending":
+            job.next_attempt_at = job.updated_at = now
+        elif job.state == "failed":
+            job.state, job.attempts = "pending", 0
+            job.queued_at = job.next_attempt_at = job.updated_at = now
+        return cast(State, job.state)

@@ -478,7 +478,9 @@ class ForwardJob(Base):
 
     __tablename__ = "forward_job"
     __table_args__ = (
-        UniqueConstraint("destination", "study_pk", name="uq_forward_job_destination_study_pk"),
+        UniqueConstraint(
+            "destination", "study_pk", "scope", name="uq_forward_job_destination_study_pk_scope"
+        ),
         Index("ix_forward_job_due", "state", "next_attempt_at"),
     )
 
@@ -507,6 +509,15 @@ class ForwardJob(Base):
     """Start of the retry window (SAF_FORWARD_MAX_AGE_SECONDS)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Part D (migration 0013): reply jobs, de-identification, TLS pinning.
+    scope: Mapped[str] = mapped_column(String(80), default="")
+    """'' for the whole study; 'reply:<digest of the series UIDs>' for one reply's series."""
+    series_uids: Mapped[str | None] = mapped_column(Text, default=None)
+    """JSON list of the Series Instance UIDs to send (a reply's); None: the whole study."""
+    deidentify: Mapped[bool] = mapped_column(default=False)
+    """Send de-identified (saf.deidentify, PS3.15 Basic Profile) with per-destination keys."""
+    tls_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    """dicoms:// destinations: the server certificate's pinned SHA-256 (hex), if any."""
 
 
 class ForwardAck(Base):
@@ -517,3 +528,156 @@ class ForwardAck(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("forward_job.id"), primary_key=True)
     instance_id: Mapped[str] = mapped_column(ForeignKey("instance.id"), primary_key=True)
     acked_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The SOP Instance UID the destination holds: the remapped one when de-identified."""
+
+
+# --------------------------------------------------------------------------- part C: the viewer
+
+
+class Annotation(Base):
+    """A specialist's mark on one frame of a case's image, in image pixel coordinates
+    (saf.annotations); frozen once the case's reply is signed."""
+
+    __tablename__ = "annotation"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instance.id"), index=True)
+    frame: Mapped[int] = mapped_column(Integer)
+    """1-based frame number within the instance."""
+    kind: Mapped[str] = mapped_column(String(16))
+    """arrow, text, line, angle or ellipse."""
+    points: Mapped[list[list[float]]] = mapped_column(JSON)
+    """[[x, y], ...]: x = column, y = row, (0, 0) the top left corner of the top left pixel."""
+    text_sealed: Mapped[str | None] = mapped_column(Text, default=None)
+    """The label, sealed with saf.crypto.seal_value (context ``annotation/<id>.text``)."""
+    measurement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """What saf.annotations measured when it was drawn (length, angle, area and ROI stats)."""
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Reply(Base):
+    """A case's reply (saf.replies): a draft, then signed, with what signing made."""
+
+    __tablename__ = "reply"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    """draft, signing (objects being made; annotations frozen) or signed."""
+    content_sealed: Mapped[str | None] = mapped_column(Text, default=None)
+    """Findings, impression and recommendation as JSON, sealed (context ``reply/<case_id>``)."""
+    urgent: Mapped[bool] = mapped_column(default=False)
+    updated_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    signed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    signed_at: Mapped[datetime | None] = mapped_column(default=None)
+    objects: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, default=None)
+    """The SR and GSPS instances signing stored ({study_pk, series_instance_uid,
+    sop_instance_uid, modality} each); None until that step is done."""
+    pdf_blob_id: Mapped[str | None] = mapped_column(ForeignKey("blob.id"), default=None)
+    diagnostic_report_id: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class CaseMessage(Base):
+    """A question of the specialist or an answer of the clinic on a case: the FHIR
+    Communication that holds it (its text is there, sealed), in order."""
+
+    __tablename__ = "consult_message"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"), index=True)
+    communication_id: Mapped[str] = mapped_column(String(64))
+    sender: Mapped[str] = mapped_column(String(16))
+    """specialist or clinic."""
+    author: Mapped[str] = mapped_column(String(64))
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- A2: FHIR Subscriptions (saf.subscriptions) ---------------------------------------
+
+
+class Subscription(Base):
+    """A clinic's FHIR Subscription (R4 backport, rest-hook) to the case-status topic: the
+    plain columns the notifier needs; the resource as the client sent it is sealed
+    (its channel headers may carry a secret)."""
+
+    __tablename__ = "subscription"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinic.id"), index=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    """The principal id that created it (a client id or a user id)."""
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    """requested, active, error or off (Subscription.status)."""
+    topic: Mapped[str] = mapped_column(String(255))
+    statuses: Mapped[str] = mapped_column(String(255), default="")
+    """Task statuses the filter accepts (comma-separated); empty means every change."""
+    endpoint: Mapped[str] = mapped_column(String(1024))
+    content: Mapped[str] = mapped_column(String(16))
+    """Payload content: empty, id-only or full-resource."""
+    content_sealed: Mapped[str] = mapped_column(Text)
+    """The Subscription resource JSON, sealed with saf.crypto.seal_value."""
+    end_at: Mapped[datetime | None] = mapped_column(default=None)
+    events_since_start: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Event numbers handed out so far (the last notification's event number)."""
+    confirmed_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When the endpoint last answered a handshake with 2xx."""
+    last_error: Mapped[str | None] = mapped_column(String(256))
+    """Why the last handshake or delivery failed (status codes, no PHI)."""
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SubscriptionNotification(Base):
+    """One event to deliver to one subscription, with its own retry schedule."""
+
+    __tablename__ = "subscription_notification"
+    __table_args__ = (
+        UniqueConstraint(
+            "subscription_id",
+            "case_event_id",
+            name="uq_subscription_notification_subscription_id_case_event_id",
+        ),
+        Index("ix_subscription_notification_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscription.id"), index=True)
+    event_number: Mapped[int] = mapped_column(BigInteger)
+    case_event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("consult_event.id")
+    )
+    """The case status change notified (one notification per change and subscription)."""
+    case_id: Mapped[str] = mapped_column(ForeignKey("consult.id"))
+    to_status: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending, sending, delivered or failed."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+# --- A1: FHIR documents (Binary bytes are sealed blobs; fhir_api/mhd.py, saf/documents.py)
+
+
+class FhirBinary(Base):
+    """The bytes of a FHIR Binary: a sealed blob (never in the database), with the media
+    type it came with and its digests (DocumentReference.content.attachment.hash/size)."""
+
+    __tablename__ = "fhir_binary"
+
+    resource_id: Mapped[str] = mapped_column(ForeignKey("fhir_resource.id"), primary_key=True)
+    blob_id: Mapped[str] = mapped_column(ForeignKey("blob.id"), index=True)
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha1: Mapped[str] = mapped_column(String(40))
+    """Hex SHA-1 of the bytes (FHIR Attachment.hash is its base64)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

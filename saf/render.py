@@ -111,6 +111,43 @@ def render(
     return _encode(image, fmt, quality)
 
 
+def decode_frame(ds: Dataset, frame: int) -> npt.NDArray[Any]:
+    """The stored values of frame ``frame`` (0-based) of ``ds``, for callers that keep
+    decoded frames (the viewer's cache) and render them with `render_decoded`."""
+    return _decode_frame(ds, _frame_index(ds, frame))
+
+
+def render_decoded(
+    ds: Dataset,
+    pixels: npt.NDArray[Any],
+    *,
+    size: int | None = None,
+    window: Window | None = None,
+    fmt: Format = "jpeg",
+    quality: int = 85,
+) -> bytes:
+    """`render` for a frame already decoded with `decode_frame` (same pipeline, no decode)."""
+    _check_output(fmt, quality, size)
+    image = Image.fromarray(_display_values(ds, pixels, window))
+    image = _resize(image, _display_size(ds, image.size, size))
+    return _encode(image, fmt, quality)
+
+
+def modality_values(ds: Dataset, pixels: npt.NDArray[Any]) -> FloatArray:
+    """Stored values of a grey frame to modality values (Modality LUT or Rescale, e.g. HU)."""
+    return _modality_values(ds, pixels)
+
+
+def default_window(ds: Dataset, pixels: npt.NDArray[Any]) -> Window:
+    """The window `render` uses when none is given: the header's, else the auto-window."""
+    header = _header_window(ds)
+    if header is not None:
+        return header
+    if pixels.ndim != 2:
+        return Window(127.5, 256.0)
+    return _auto_window(_modality_values(ds, pixels), _padding_mask(ds, pixels))
+
+
 def render_placeholder(size: int, reason: str, fmt: Format = "jpeg") -> bytes:
     """A grey ``size`` x ``size`` tile saying the image could not be rendered.
 

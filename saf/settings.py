@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     forward_lease_seconds: float = Field(default=900.0, gt=0)
     """A job in `sending` without progress for this long (its worker died) is taken again."""
 
+    forward_tls_ca: Path | None = None
+    """PEM CA bundle a dicoms:// forwarding destination's certificate must chain to;
+    default SAF_DICOM_TLS_CA, else the system roots. The hub presents SAF_DICOM_TLS_CERT/KEY
+    as its client certificate when the destination asks for one."""
+
     public_url: str | None = None
     """External base URL of the HTTP app (e.g. https://hub.example.org); client assertions
     must name <public_url>/auth/token as `aud`. Unset: the URL the request came to."""
@@ -160,6 +165,26 @@ class Settings(BaseSettings):
     fhir_max_body_bytes: int = Field(default=16 << 20, ge=1)
     """Largest FHIR request body accepted (bytes, 16 MiB by default); a larger one answers
     413 with an OperationOutcome, refused by Content-Length or while reading."""
+
+    subscription_allow_http: bool = False
+    """Let FHIR Subscription endpoints use plain http (tests, a lab); https is required
+    otherwise (demo mode allows http too)."""
+
+    subscription_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Connect and read timeout of one handshake or notification POST."""
+
+    subscription_retry_base_seconds: float = Field(default=30.0, gt=0)
+    """Wait before the first retry of a failed notification; doubles each attempt (with
+    jitter), capped at SAF_SUBSCRIPTION_RETRY_MAX_SECONDS."""
+
+    subscription_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    """Longest wait between two attempts of one notification."""
+
+    subscription_max_attempts: int = Field(default=12, ge=1)
+    """Attempts of one notification before it is failed (the subscription shows `error`)."""
+
+    subscription_poll_interval: float = Field(default=1.0, gt=0)
+    """How often the notifier in `saf worker` looks for due notifications."""
 
     demo: bool = False
     """Demo mode: registers a demo clinic and loads a sample study."""

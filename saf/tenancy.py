@@ -54,6 +54,7 @@ from saf.models import (
     Patient,
     Series,
     Study,
+    Subscription,
 )
 
 SPECIALIST_STATUSES: frozenset[str] = frozenset(
@@ -241,6 +242,22 @@ def visible_fhir_resources(principal: Principal) -> Select[FhirResource]:
     """`select(FhirResource)` limited to the caller's FHIR resources (deleted ones included:
     a deleted resource answers 410 to its owner)."""
     return select(FhirResource).where(fhir_resource_clause(principal))
+
+
+def acts_for_clinic(principal: Principal) -> bool:
+    """Whether the caller acts for one clinic (a clinician, an EHR client, a DICOM AE)."""
+    return _clinic_of(principal) is not None
+
+
+def visible_subscriptions(principal: Principal) -> Select[Subscription]:
+    """`select(Subscription)`: a clinic's own FHIR Subscriptions (all of them for the hub),
+    none for anyone else (specialists and admins subscribe to nothing)."""
+    if _is_system(principal):
+        return select(Subscription)
+    clinic = _clinic_of(principal)
+    if clinic is None:
+        return select(Subscription).where(false())
+    return select(Subscription).where(Subscription.clinic_id == clinic)
 
 
 def visible_audit(principal: Principal) -> Select[AuditRecord]:

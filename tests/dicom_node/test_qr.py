@@ -23,11 +23,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
+from dicom_node.qr import StoredDataset
 from dicom_node.scp import DicomNode
 from saf.clinics import ClinicError, add_clinic
 from saf.hub import Hub
 from saf.ingest import Sender, ingest_part10
-from saf.models import AuditRecord
+from saf.models import AuditRecord, Instance
+from saf.query import StoredInstance
 from tests.factories import dataset_sha256, make_study, sop_instance_uid
 from tests.interop.conftest import free_port
 
@@ -284,3 +286,88 @@ def test_a_move_destination_needs_host_and_port(hub: Hub) -> None:
     assert info.peers[0].describe() == "DEST_A@10.0.0.5:104 [store]"
     info = add_clinic(hub, "Clinic A", "DEST_A", "10.0.0.5", port=0)
     assert info.peers[0].port is None
+
+
+def _get(
+    port: int, uid: str, syntaxes: list[str]
+) -> tuple[Dataset, Dataset | None, dict[str, Dataset]]:
+    """C-GET a study as VIEWER_A taking CT in `syntaxes`: the final status, its
+    identifier, and the instances received by SOP Instance UID."""
+    received: dict[str, Dataset] = {}
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received[str(event.request.AffectedSOPInstanceUID)] = ds
+        return 0x0000
+
+    ae = AE(ae_title="VIEWER_A")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, syntaxes)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="SAF",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    responses = list(
+        assoc.send_c_get(
+            _identifier(StudyInstanceUID=uid), StudyRootQueryRetrieveInformationModelGet
+        )
+    )
+    assoc.release()
+    return responses[-1][0], responses[-1][1], received
+
+
+def test_get_re_encodes_when_the_peer_takes_another_uncompressed_syntax(world: World) -> None:
+    final, _, received = _get(world.port, _study_uid(world.a_study[0]), [ImplicitVRLittleEndian])
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 3
+    for path in world.a_study:
+        original = dcmread(path)
+        got = received[sop_instance_uid(path)]
+        assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert got.PixelData == original.PixelData
+        assert got.PatientID == original.PatientID and got.Rows == original.Rows
+
+
+def test_get_reports_an_unreadable_instance_as_a_failed_sub_operation(
+    hub: Hub, world: World
+) -> None:
+    damaged = world.a_study[1]
+    with hub.sessions() as session:
+        blob_id = session.scalars(
+            select(Instance.blob_id).where(Instance.sop_instance_uid == sop_instance_uid(damaged))
+        ).one()
+    path = hub.blobs.path_for(blob_id)  # type: ignore[attr-defined]
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # inside the last sealed chunk: authentication fails
+    path.write_bytes(bytes(data))
+    final, failed, received = _get(world.port, _study_uid(damaged), [ExplicitVRLittleEndian])
+    assert final.Status == 0xB000
+    assert final.NumberOfCompletedSuboperations == 2 and final.NumberOfFailedSuboperations == 1
+    assert failed is not None and failed.FailedSOPInstanceUIDList == sop_instance_uid(damaged)
+    assert sop_instance_uid(damaged) not in received
+
+
+def test_stored_dataset_is_the_stored_bytes_after_the_file_meta(world: World) -> None:
+    path = world.a_study[0]
+    data = path.read_bytes()
+    ds = dcmread(path)
+    item = StoredInstance(
+        instance_id="i", sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), blob_id="b",
+        study_pk="s", study_instance_uid=str(ds.StudyInstanceUID), patient_pk="p", clinic_id="c",
+    )  # fmt: skip
+    stored = StoredDataset.from_part10(data, item)
+    assert stored is not None
+    raw = stored.encoded(False, True, False)
+    assert raw is not None and data.endswith(raw) and raw.startswith(b"\x08\x00")
+    # Another encoding is a real re-encoding of the parsed object.
+    implicit = stored.encoded(True, True, False)
+    assert implicit is not None and implicit != raw
+    # File Meta that disagrees with the index: not sent as stored, parsed in full instead.
+    wrong = StoredInstance(**{**item.__dict__, "transfer_syntax_uid": ImplicitVRLittleEndian})
+    assert StoredDataset.from_part10(data, wrong) is None

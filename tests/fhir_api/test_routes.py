@@ -410,7 +410,19 @@ def test_metadata_is_public_and_lists_what_is_served(api: Api) -> None:
     cap = response.json()
     assert cap["fhirVersion"] == "4.0.1"
     types = {r["type"] for r in cap["rest"][0]["resource"]}
-    assert types == {"Patient", "ServiceRequest", "Practitioner", "Organization", "Task"}
+    assert {
+        "Patient",
+        "ServiceRequest",
+        "Practitioner",
+        "Organization",
+        "Task",
+        "DiagnosticReport",
+        "Communication",
+        "DocumentReference",
+        "List",
+        "Binary",
+    } <= types
+    assert {i["code"] for i in cap["rest"][0]["interaction"]} == {"transaction", "batch"}
     assert cap["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
 
 

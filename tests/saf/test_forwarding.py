@@ -11,17 +11,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from dicom_node.forward import send_stow
+from dicom_node.forward import make_transport, send_stow
 from saf.cli import app
+from saf.clinics import ClinicError, add_clinic
+from saf.db import transaction
 from saf.forwarding import (
     Destination,
     ForwardRulesHolder,
     OutgoingFile,
     SendOutcome,
     claim_due,
+    enqueue_reply,
     enqueue_study,
     forward_due,
     load_forward_rules,
@@ -32,11 +38,13 @@ from saf.forwarding import (
     status,
 )
 from saf.hub import Hub
-from saf.ingest import ingest_part10
-from saf.models import AuditRecord, ForwardAck, ForwardJob, Study, utcnow
-from saf.routing import RulesError
+from saf.ingest import Sender, ingest_part10
+from saf.models import AuditRecord, ForwardAck, ForwardJob, OutboxEvent, Study, utcnow
+from saf.pipeline import REPLY_TOPIC, handle_event
+from saf.routing import RulesError, default_rules
 from saf.stability import mark_stable_studies
-from tests.factories import make_clinic, make_study, sop_instance_uid
+from tests.factories import TEST_PATIENT_NAME, make_clinic, make_study, sop_instance_uid
+from tests.saf.store_scp import make_reply_sr, store_scp
 
 PACS = "dicom://PACS@127.0.0.1:11113"
 ARCHIVE = "https://archive.example.org/dicomweb"
@@ -83,8 +91,14 @@ def test_every_matching_rule_applies() -> None:
         ('[[rule]]\nname = "a"\ndestinaton = "dicom://A@h:104"\n', 3, 'did you mean "destination"'),
         ('[[rule]]\nname = "a"\ndestination = "dicon://A@h:104"\n', 3, 'did you mean "dicom://"'),
         ('[[rule]]\nname = "a"\ndestination = "dicom://h:104"\n', 3, "AE title"),
-        ('[[rule]]\nname = "a"\n\ndestination = "dicom://A@h:104"\ndeidentify = true\n', 5,
-         "not supported yet"),
+        ('[[rule]]\nname = "a"\n\ndestination = "dicom://A@h:104"\ndeidentify = "yes"\n', 5,
+         "deidentify must be true or false"),
+        ('[[rule]]\nname = "a"\ndestination = "dicom://A@h:104"\ntls_sha256 = "' + "ab" * 32
+         + '"\n', 4, "dicoms:// (DICOM TLS) destinations only"),
+        ('[[rule]]\nname = "a"\ndestination = "dicoms://A@h:2762"\ntls_sha256 = "abc"\n', 4,
+         "64 hex digits"),
+        ('[[rule]]\nname = "a"\ndestination = "dicomss://A@h:2762"\n', 3,
+         'did you mean "dicoms://"'),
         ('[[rule]]\nname = "a"\ndestination = "dicom://A@h:104"\nevent = ["study.stabel"]\n', 4,
          'did you mean "study.stable"'),
         ('[[rule]]\nname = "a"\n', 1, "missing destination"),
@@ -392,3 +406,165 @@ def test_a_long_send_keeps_its_lease(hub: Hub, tmp_path: Path) -> None:
     [result] = forward_due(hub, slow)
     assert result.state == "done"
     assert taken_meanwhile == []
+
+
+# --- replies and de-identification (over real C-STORE to an in-process SCP) -------------
+
+
+def _reply(hub: Hub, tmp_path: Path, study_id: str, evidence: list[Path], text: str,
+           *, number: int = 900) -> tuple[dict[str, object], str]:  # fmt: skip
+    """Store a reply SR as a new series of the study and write its case.replied event, as
+    the reply workflow does; returns the event payload and the SR's SOP Instance UID."""
+    sr = make_reply_sr(evidence, tmp_path / f"reply-{number}.dcm", text, series_number=number)
+    with hub.sessions() as session:
+        clinic_id = session.get_one(Study, study_id).clinic_id
+    ingest_part10(hub, sr, Sender(clinic_id, "test:reply"))
+    ds = dcmread(sr)
+    payload: dict[str, object] = {
+        "case_id": "case-1",
+        "study_ids": [study_id],
+        "series_instance_uids": [str(ds.SeriesInstanceUID)],
+    }
+    with transaction(hub.sessions) as session:
+        session.add(OutboxEvent(topic=REPLY_TOPIC, payload=payload))
+    return payload, str(ds.SOPInstanceUID)
+
+
+def test_a_reply_goes_to_reply_rules_and_the_clinics_reply_peer_only_its_series(
+    hub: Hub, tmp_path: Path
+) -> None:
+    with (
+        store_scp("CLINIC_PACS") as (peer_port, at_clinic),
+        store_scp("REVIEW") as (rule_port, at_review),
+    ):
+        study_id, paths = _stable_study(hub, tmp_path)
+        add_clinic(hub, "Clinic A", "CLINIC_PACS", "127.0.0.1", permissions=["store", "reply"],
+                   port=peer_port)  # fmt: skip
+        # Another clinic's reply peer must never get this clinic's reply.
+        add_clinic(hub, "Clinic B", "B_PACS", "127.0.0.1", permissions=["reply"], port=peer_port)
+        hub.settings.forwarding_path.write_text(
+            f'[[rule]]\nname = "review"\nevent = ["reply"]\nmodality = ["SR", "PR"]\n'
+            f'destination = "dicom://REVIEW@127.0.0.1:{rule_port}"\n\n'
+            f'[[rule]]\nname = "ct-only"\nevent = ["reply"]\nmodality = ["CT"]\n'
+            f'destination = "dicom://NEVER@127.0.0.1:{rule_port}"\n'
+        )
+        _, sr_uid = _reply(hub, tmp_path, study_id, paths, "No acute findings.")
+        with hub.sessions() as session:
+            [event] = session.scalars(select(OutboxEvent).where(OutboxEvent.topic == REPLY_TOPIC))
+        job_ids = handle_event(hub, event.topic, event.payload, default_rules())
+        assert isinstance(job_ids, list) and len(job_ids) == 2
+        assert handle_event(hub, event.topic, event.payload, default_rules()) == job_ids
+        with hub.sessions() as session:
+            jobs = session.scalars(select(ForwardJob).order_by(ForwardJob.id)).all()
+            assert {j.destination for j in jobs} == {
+                f"dicom://REVIEW@127.0.0.1:{rule_port}",
+                f"dicom://CLINIC_PACS@127.0.0.1:{peer_port}",
+            }
+            assert {j.rule for j in jobs} == {"review", "clinic peer CLINIC_PACS"}
+            assert all(j.scope.startswith("reply:") for j in jobs)
+
+        results = forward_due(hub, make_transport("SAF"))
+        assert sorted(r.state for r in results) == ["done", "done"]
+        # Exactly the reply's SR: none of the study's CT images went along.
+        assert at_clinic.uids() == {sr_uid} and len(at_clinic.datasets) == 1
+        assert at_review.uids() == {sr_uid} and len(at_review.datasets) == 1
+        assert at_clinic.calling_aets == ["SAF"]
+        with hub.sessions() as session:
+            acks = session.scalars(select(ForwardAck)).all()
+        assert {a.sent_sop_instance_uid for a in acks} == {sr_uid} and len(acks) == 2
+
+        # The study's own forwarding (study.stable) is a different job for the same place.
+        hub.settings.forwarding_path.write_text(
+            f'[[rule]]\nname = "all"\ndestination = "dicom://CLINIC_PACS@127.0.0.1:{peer_port}"\n'
+        )
+        assert len(enqueue_study(hub, study_id)) == 1
+        [result] = forward_due(hub, make_transport("SAF"))
+        assert result.state == "done" and result.sent == len(paths) + 1
+        assert len(at_clinic.datasets) == 1 + len(paths) + 1
+
+
+def test_reply_event_that_names_nothing_known_queues_nothing(hub: Hub, tmp_path: Path) -> None:
+    study_id, _ = _stable_study(hub, tmp_path)
+    hub.settings.forwarding_path.write_text(
+        '[[rule]]\nname = "r"\nevent = ["reply"]\ndestination = "dicom://R@127.0.0.1:104"\n'
+    )
+    assert enqueue_reply(hub, {"case_id": "c", "study_ids": [study_id],
+                               "series_instance_uids": ["1.2.3.4"]}) == []  # fmt: skip
+    assert enqueue_reply(hub, {"case_id": "c", "study_ids": ["nope"],
+                               "series_instance_uids": ["1.2.3.4"]}) == []  # fmt: skip
+    assert enqueue_reply(hub, {"case_id": "c", "study_ids": "x"}) == []
+
+
+def test_reply_permission_needs_host_and_port(hub: Hub) -> None:
+    with pytest.raises(ClinicError, match="--host and --port"):
+        add_clinic(hub, "Clinic A", "PACS", permissions=["store", "reply"])
+
+
+def test_deidentified_destination_gets_no_phi_and_the_same_uids_on_resend(
+    hub: Hub, tmp_path: Path
+) -> None:
+    sender = make_clinic(hub, "Clinic A", aet="MOD_A")
+    paths = make_study(tmp_path / "s", "ct", count=3, size=32, patient_name=TEST_PATIENT_NAME,
+                       patient_id="PID-424242", accession_number="ACC-777")  # fmt: skip
+    for path in paths:
+        ingest_part10(hub, path, sender)
+    [study_id] = mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+    originals = [dcmread(p) for p in paths]
+    assert str(originals[0].PatientName) == TEST_PATIENT_NAME
+    assert originals[0].AccessionNumber == "ACC-777"
+    with store_scp("RESEARCH") as (port, got), store_scp("PLAIN") as (plain_port, plain):
+        hub.settings.forwarding_path.write_text(
+            f'[[rule]]\nname = "research"\ndestination = "dicom://RESEARCH@127.0.0.1:{port}"\n'
+            "deidentify = true\n\n"
+            f'[[rule]]\nname = "plain"\ndestination = "dicom://PLAIN@127.0.0.1:{plain_port}"\n'
+        )
+        assert len(enqueue_study(hub, study_id)) == 2
+        assert sorted(r.state for r in forward_due(hub, make_transport("SAF"))) == ["done"] * 2
+        assert len(got.datasets) == 3
+        first = [ds.SOPInstanceUID for ds in got.datasets]
+        # The plain destination gets the study as stored.
+        assert plain.uids() == {str(ds.SOPInstanceUID) for ds in originals}
+
+        raw_uids = {str(v) for ds in originals for v in _values(ds, "UI")}
+        assert {str(originals[0].StudyInstanceUID), str(originals[0].SOPInstanceUID)} <= raw_uids
+        for ds in got.datasets:
+            text = ds.to_json()
+            for secret in (TEST_PATIENT_NAME, "QUIXOTEFIXTURE", "PID-424242", "ACC-777",
+                           originals[0].StudyDate):  # fmt: skip
+                assert secret not in text
+            assert not raw_uids & {str(v) for v in _values(ds, "UI")}
+            assert ds.PatientIdentityRemoved == "YES"
+            assert "113100" in {c.CodeValue for c in ds.DeidentificationMethodCodeSequence}
+            assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert len(got.uids("StudyInstanceUID")) == 1  # one study, remapped consistently
+        assert len(got.uids("SeriesInstanceUID")) == 1
+        assert len(got.uids("PatientID")) == 1
+        with hub.sessions() as session:
+            acks = {a.sent_sop_instance_uid for a in session.scalars(select(ForwardAck))}
+        assert set(first) <= acks  # the ack table names what the destination holds
+
+        # Resend everything (the study changed? no: an operator resends): same UIDs.
+        with transaction(hub.sessions) as session:
+            session.execute(delete(ForwardAck))
+            session.execute(update(ForwardJob).values(state="pending"))
+        forward_due(hub, make_transport("SAF"))
+        assert len(got.datasets) == 6
+        assert [ds.SOPInstanceUID for ds in got.datasets[3:]] == first
+    assert hub.settings.data_dir.joinpath("deidentify.key").stat().st_mode & 0o077 == 0
+
+
+def _values(ds: Dataset, vr: str) -> list[object]:
+    """Every value of that VR in the dataset and its File Meta; for UI, only instance UIDs
+    (not class, transfer syntax or implementation UIDs, which identify no one)."""
+    found: list[object] = []
+
+    def visit(_: Dataset, element: DataElement) -> None:
+        if vr != element.VR or not element.value or element.keyword.endswith("ClassUID"):
+            return
+        if element.keyword == "TransferSyntaxUID":
+            return
+        found.extend(element.value if element.VM > 1 else [element.value])
+
+    ds.walk(visit)
+    ds.file_meta.walk(visit)
+    return found

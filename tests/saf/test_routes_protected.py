@@ -41,6 +41,7 @@ from starlette.routing import BaseRoute, Mount, WebSocketRoute
 from saf import audit
 from saf.app import PUBLIC_PATHS, create_app
 from saf.deps import CurrentPrincipal, current_principal
+from saf.forwarding import enqueue_study, parse_forward_rules
 from saf.hub import Hub
 from saf.models import AuditRecord, Case, Instance, Series, Study, User
 from saf.tokens import issue_access_token
@@ -74,6 +75,9 @@ PARAMS: dict[str, Callable[[Target], str]] = {
     "resource_id": lambda t: t.service_request_id,
     "version_id": lambda t: "1",
     "task_id": lambda t: t.case_id,
+    "frame": lambda t: "1",
+    "annotation_id": lambda t: t.annotation_id,
+    "job_id": lambda t: str(t.forward_job_id),
 }
 """How to fill each path parameter with an object of clinic B's chest CT case (the target).
 A new route with another parameter name must be added here."""
@@ -81,7 +85,19 @@ A new route with another parameter name must be added here."""
 RIGHTFUL: dict[tuple[str, str], str] = {
     ("POST", "/api/cases/{case_id}/claim"): "thoracic",
     ("GET", "/api/audit"): "admin",
+    ("GET", "/api/forward/jobs"): "admin",
+    ("GET", "/api/forward/jobs/{job_id}"): "admin",
+    ("POST", "/api/forward/jobs/{job_id}/retry"): "admin",
+    ("POST", "/api/forward/retry"): "admin",
     ("DELETE", "/fhir/{resource_type}/{resource_id}"): "ehr_b",  # clinicians may not delete
+    # The viewer: the specialist who claimed the case draws and replies (the claim above
+    # runs first); the clinic comments.
+    ("POST", "/api/cases/{case_id}/annotations"): "thoracic",
+    ("PUT", "/api/cases/{case_id}/annotations/{annotation_id}"): "thoracic",
+    ("DELETE", "/api/cases/{case_id}/annotations/{annotation_id}"): "thoracic",
+    ("PUT", "/api/cases/{case_id}/reply"): "thoracic",
+    ("POST", "/api/cases/{case_id}/reply/question"): "thoracic",
+    ("POST", "/api/cases/{case_id}/reply/sign"): "thoracic",
 }
 """Who may use a route, when not clinic B's clinician (the target's owner)."""
 
@@ -97,6 +113,34 @@ BODIES: dict[tuple[str, str], Callable[[Target], tuple[bytes, str]]] = {
     ),
 }
 """Request bodies (content, Content-Type) for routes that need one, sent by every caller."""
+
+
+def _json(make: Callable[[Target], object]) -> Callable[[Target], tuple[bytes, str]]:
+    import json
+
+    return lambda t: (json.dumps(make(t)).encode(), "application/json")
+
+
+def _line(t: Target) -> dict[str, object]:
+    return {"instance_id": t.instance_id, "frame": 1, "kind": "line", "points": [[1, 1], [9, 9]]}
+
+
+BODIES.update(
+    {
+        ("POST", "/api/cases/{case_id}/annotations"): _json(_line),
+        ("PUT", "/api/cases/{case_id}/annotations/{annotation_id}"): _json(_line),
+        ("PUT", "/api/cases/{case_id}/reply"): _json(
+            lambda t: {"findings": "f", "impression": "i", "recommendation": "", "urgent": False}
+        ),
+        ("POST", "/api/cases/{case_id}/reply/question"): _json(lambda t: {"text": "prior CT?"}),
+        ("POST", "/api/cases/{case_id}/comments"): _json(lambda t: {"text": "none"}),
+    }
+)
+
+QUERIES: dict[tuple[str, str], str] = {
+    ("GET", "/api/instances/{instance_id}/frames/{frame}/value"): "?x=1&y=1",
+}
+"""Query strings routes need (appended to the filled path for every caller)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +164,10 @@ class Target:
     service_request_id: str
     fhir_patient_id: str
     """Clinic B's FHIR referral for the case and its subject Patient (fhir_api routes)."""
+    forward_job_id: int = 0
+    """A forwarding job of the target study (the admin's /api/forward routes)."""
+    annotation_id: str = ""
+    """An annotation on the target case (the viewer's annotation routes)."""
 
 
 def _target(hub: Hub, world: World) -> Target:
@@ -149,7 +197,36 @@ def _target(hub: Hub, world: World) -> Target:
         stow_body(study.study_instance_uid),
         service_request_id,
         fhir_patient_id,
+        forward_job_id=_forward_job(hub, study_id),
+        annotation_id=_annotation(hub, case.id, instances[0]),
     )
+
+
+def _annotation(hub: Hub, case_id: str, instance_id: str) -> str:
+    """An arrow on the target case's first image, as if drawn before the walk."""
+    from saf.db import transaction
+    from saf.models import Annotation
+
+    with transaction(hub.sessions) as session:
+        row = Annotation(
+            case_id=case_id,
+            instance_id=instance_id,
+            frame=1,
+            kind="arrow",
+            points=[[1.0, 1.0], [5.0, 5.0]],
+            measurement={},
+            created_by="dr.thorax",
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def _forward_job(hub: Hub, study_id: str) -> int:
+    """Queue the target study for a forwarding destination (nothing listens: it stays due)."""
+    rule = '[[rule]]\nname = "pacs"\ndestination = "dicom://PACS@127.0.0.1:9"\n'
+    [job_id] = enqueue_study(hub, study_id, rules=parse_forward_rules(rule))
+    return job_id
 
 
 # --------------------------------------------------------------------------- the walker
@@ -271,7 +348,7 @@ def check_routes(client: TestClient, callers: Callers, target: Target) -> list[s
             problems.append(f"{label}: websocket routes are not covered by this test; add them")
             continue
         try:
-            url = fill(endpoint.path, target)
+            url = fill(endpoint.path, target) + QUERIES.get((endpoint.method, endpoint.path), "")
         except KeyError as exc:
             problems.append(
                 f"{label}: unknown path parameter {exc.args[0]!r}; add it to PARAMS in "
