@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test lint typecheck check bench bench-viewer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ typecheck: $(STAMP_DEV)
 ## Ingest benchmark against dcmtk storescp and Orthanc (see bench/README.md).
 bench: $(STAMP_DEV)
 	$(BIN)/python -m bench.ingest
+
+## The viewer in Chromium: first image, scroll fps, JS+CSS bytes (README, Performance).
+bench-viewer: $(STAMP_DEV)
+	$(BIN)/python -m bench.viewer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

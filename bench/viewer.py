@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import platform
 import statistics
 import sys
@@ -107,6 +108,41 @@ def open_viewer(browser: Any, url: str, case_id: str, slow: bool) -> dict[str, A
     return result
 
 
+def save_png(data: bytes, path: Path) -> None:
+    """A screenshot as a small PNG for the README (palette of 96 colours)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.convert("RGB").quantize(colors=96).save(path, optimize=True)
+
+
+def viewer_screenshot(page: Any, url: str, case_id: str, path: Path) -> None:
+    """The viewer at the middle slice in the lung window, with a length and an ellipse."""
+    state = page.evaluate(
+        "() => { const s = window.safViewer, f = s.frames[Math.floor(s.frames.length / 2)];"
+        " return {id: f.instance_id, frame: f.frame, rows: f.rows, cols: f.columns}; }"
+    )
+    r, c = state["rows"], state["cols"]
+    for kind, points in (
+        ("line", [[c * 0.30, r * 0.42], [c * 0.40, r * 0.62]]),
+        ("ellipse", [[c * 0.60, r * 0.40], [c * 0.72, r * 0.55]]),
+    ):
+        body = {"instance_id": state["id"], "frame": state["frame"], "kind": kind}
+        page.request.post(
+            f"{url}/api/cases/{case_id}/annotations",
+            data={**body, "points": points, "text": None},
+            headers={"Origin": url},
+        )
+    page.reload()
+    page.wait_for_function("() => window.safViewer.firstFullPaint")
+    page.select_option("#preset", "-600,1500")
+    page.wait_for_function(
+        "() => window.safViewer.paintedWin && window.safViewer.paintedWin.center === -600"
+    )
+    page.wait_for_selector("#ann-list li.ann")
+    save_png(page.screenshot(), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200, help="CT slices (default 200)")
@@ -151,7 +187,7 @@ def run(browser: Any, served: Any, args: argparse.Namespace) -> dict[str, dict[s
         page.goto(f"{served.url}/worklist?")
         page.select_option("#f-status", "")
         page.wait_for_selector("tr.case-row")
-        page.screenshot(path=str(args.screenshots / "worklist.png"))
+        save_png(page.screenshot(), args.screenshots / "worklist.png")
     context.close()
 
     out: dict[str, dict[str, Any]] = {}
@@ -181,13 +217,9 @@ def run(browser: Any, served: Any, args: argparse.Namespace) -> dict[str, dict[s
                     f"in {scroll['seconds']:.2f} s",
                 }
                 if args.screenshots:
-                    page.select_option("#preset", "-600,1500")
-                    page.wait_for_function(
-                        "() => window.safViewer.paintedWin && "
-                        "window.safViewer.paintedWin.center === -600"
-                    )
-                    page.screenshot(path=str(args.screenshots / "viewer.png"))
+                    viewer_screenshot(page, served.url, case_id, args.screenshots / "viewer.png")
             opened["context"].close()
+            time.sleep(0.5)  # let the hub finish what the closed page had in flight
         out[key] = {
             "value": statistics.median(firsts),
             "detail": f"median of {args.repeat}; worst {max(firsts):.0f} ms; full size "

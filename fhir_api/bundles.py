@@ -437,6 +437,7 @@ def _transaction(
                 if entry.resource is not None:
                     entry.resource = _rewrite(entry.resource, names)
                     _conditional_references(session, hub, principal, entry)
+            ordered = _dependencies_first(ordered)
             for entry in ordered:
                 current = entry
                 if entry.method == "GET" or entry.index in results:
@@ -477,6 +478,40 @@ def _transaction(
         "type": "transaction-response",
         "entry": [_response_entry(base, results[e.index], minimal) for e in entries],
     }
+
+
+def _strings(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return {x for v in value.values() for x in _strings(v)}
+    if isinstance(value, list):
+        return {x for v in value for x in _strings(v)}
+    return {value} if isinstance(value, str) else set()
+
+
+def _dependencies_first(ordered: list[Entry]) -> list[Entry]:
+    """`ordered` with each POST after the POSTs its resource references (a DocumentReference
+    after its Binary and Patient, whatever the entries' order); the R4 order of methods
+    stays. A cycle keeps the request's order (and fails on the unresolved reference)."""
+    posts = [e for e in ordered if e.method == "POST" and e.new_id]
+    by_ref = {f"{e.resource_type}/{e.new_id}": e for e in posts}
+    placed: list[Entry] = []
+    seen: set[int] = set()
+
+    def place(entry: Entry, path: set[int]) -> None:
+        if entry.index in seen or entry.index in path:
+            return
+        path.add(entry.index)
+        for ref in sorted(_strings(entry.resource) & by_ref.keys()):
+            place(by_ref[ref], path)
+        seen.add(entry.index)
+        placed.append(entry)
+
+    for entry in posts:
+        place(entry, set())
+    first = [e for e in ordered if ORDER[e.method] < ORDER["POST"]]
+    rest = [e for e in ordered if ORDER[e.method] > ORDER["POST"]]
+    others = [e for e in ordered if e.method == "POST" and not e.new_id]
+    return first + placed + others + rest
 
 
 def _located(exc: Exception, entry: Entry | None) -> FhirError:

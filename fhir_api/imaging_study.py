@@ -422,5 +422,9 @@ def create_imaging_study(request: Request, principal: CurrentPrincipal, hub: Hub
 def write_imaging_study(
     study_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
 ) -> Response:
-    """Refused (405): ImagingStudy is read-only."""
+    """Refused (405): ImagingStudy is read-only; another tenant's study is absent (404)."""
+    with hub.sessions() as session:
+        study = tenancy.get_study(session, principal, study_id)
+    if study is None:
+        raise FhirError(404, f"ImagingStudy/{study_id} is not known")
     raise FhirError(405, _READ_ONLY, code="not-supported", headers={"Allow": "GET"})

@@ -233,19 +233,6 @@ async def update_subscription(
     return fhir_json(resource, headers=_headers(resource, _base(request, hub)))
 
 
-@router.delete("/Subscription/{subscription_id}")
-def delete_subscription(
-    subscription_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
-) -> Response:
-    """Delete (turn off for good) a subscription of the caller's clinic."""
-    check_format(request)
-    require_scope("Subscription", "d")(principal, request, hub)
-    with _refusals(hub, "delete", principal, subscription_id):
-        subscriptions.delete(hub, principal, subscription_id)
-    _audit(hub, "delete", principal, subscription_id)
-    return Response(status_code=204)
-
-
 @router.get("/Subscription/{subscription_id}/$status")
 def subscription_status(
     subscription_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
@@ -258,3 +245,16 @@ def subscription_status(
         bundle = subscriptions.status_of(hub, principal, subscription_id, _base(request, hub))
     _audit(hub, "read", principal, subscription_id, detail="$status")
     return fhir_json(bundle)
+
+
+@router.delete("/Subscription/{subscription_id}")
+def delete_subscription(
+    subscription_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
+) -> Response:
+    """Delete (turn off for good) a subscription of the caller's clinic."""
+    check_format(request)
+    require_scope("Subscription", "d")(principal, request, hub)
+    with _refusals(hub, "delete", principal, subscription_id):
+        subscriptions.delete(hub, principal, subscription_id)
+    _audit(hub, "delete", principal, subscription_id)
+    return Response(status_code=204)

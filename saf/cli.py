@@ -188,7 +188,8 @@ def worker(
     ctx: typer.Context,
     concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once.")] = 2,
 ) -> None:
-    """Run a Celery worker, the outbox dispatcher (thumbnails, cases, routing), the forwarder."""
+    """Run a Celery worker, the outbox dispatcher (thumbnails, cases, routing), the forwarder
+    and the FHIR Subscription notifier."""
     from celery.signals import worker_ready
 
     from saf.outbox import Dispatcher
@@ -202,12 +203,14 @@ def worker(
         hub, lambda event_id: tasks.handle_outbox_event.apply_async(args=[event_id], queue=QUEUE)
     )
     forwarder = _make_forwarder(hub)
+    notifier = _make_notifier(hub)
 
     # Publish only once this worker consumes: its queue is declared by then, and a
     # message published to an undeclared queue could be dropped by the broker.
     def _on_ready(**_: Any) -> None:
         dispatcher.start()
         forwarder.start()
+        notifier.start()
 
     worker_ready.connect(_on_ready, weak=False)
     out.print(f"worker on {_broker_label(hub.settings.effective_broker_url)}", highlight=False)
@@ -219,6 +222,7 @@ def worker(
     finally:
         dispatcher.stop()
         forwarder.stop()
+        notifier.stop()
 
 
 def _make_forwarder(hub: Hub) -> Any:
@@ -232,6 +236,15 @@ def _make_forwarder(hub: Hub) -> Any:
     except RulesError as exc:
         fail(str(exc), code=1)
     return Forwarder(hub, make_transport(hub.settings.ae_title, hub.settings))
+
+
+def _make_notifier(hub: Hub) -> Any:
+    """The FHIR Subscription delivery loop (saf.subscriptions), with the FHIR package's Task
+    rendering: the composition root is the one place that joins the two."""
+    from fhir_api.tasks import task_of
+    from saf.subscriptions import Notifier
+
+    return Notifier(hub, task_of)
 
 
 def _broker_label(url: str) -> str:

@@ -784,13 +784,13 @@ def create_in(
     resource_type = content["resourceType"]
     case_id, case_clinic = _prepare(session, hub, principal, content)
     clinic_id = _owner(principal, resource_type, case_clinic)
-    if resource_type == "ServiceRequest":
-        referral_of(session, hub, principal, clinic_id, content)  # refuse a bad mapping now
     resource_id = resource_id or new_id()
     now = utcnow()
     if resource_type == BINARY:
         content.pop("data", None)  # the bytes are the sealed blob, not the JSON
     _stamp(content, resource_id, 1, now)
+    if resource_type == "ServiceRequest":
+        referral_of(session, hub, principal, clinic_id, content)  # refuse a bad mapping now
     head = FhirResource(
         id=resource_id,
         resource_type=resource_type,
@@ -1095,10 +1095,13 @@ def _check_attachments(session: Session, principal: Principal, content: dict[str
             if binary_id is None:
                 continue  # an external URL: nothing here to check it against
             row = session.execute(
-                tenancy.visible_fhir_resources(principal)
-                .with_only_columns(FhirBinary.size, FhirBinary.sha1)
-                .join(FhirBinary, FhirBinary.resource_id == FhirResource.id)
-                .where(FhirResource.id == binary_id, FhirResource.deleted.is_(False))
+                select(FhirBinary.size, FhirBinary.sha1)
+                .join(FhirResource, FhirBinary.resource_id == FhirResource.id)
+                .where(
+                    tenancy.fhir_resource_clause(principal),
+                    FhirResource.id == binary_id,
+                    FhirResource.deleted.is_(False),
+                )
             ).first()
             if row is None:
                 raise StoreError(

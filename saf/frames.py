@@ -32,6 +32,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,11 +41,20 @@ import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from saf import vault
+from saf.db import transaction
 from saf.hub import Hub
-from saf.models import Blob, Instance, Series
-from saf.render import Window, decode_frame, default_window, frame_count, modality_values
+from saf.models import Blob, FrameHeader, Instance, Series
+from saf.render import (
+    Window,
+    decode_frame,
+    default_window,
+    frame_count,
+    header_window,
+    modality_values,
+)
 
 CACHE_MAX_BYTES: Final = 512 << 20
 """Bytes of parsed instances and decoded frames one process keeps (least recently used
@@ -160,7 +170,7 @@ class Loaded:
         """The default display window of `frame` (colour frames: `COLOUR_WINDOW`)."""
         if not self.is_grey:
             return COLOUR_WINDOW
-        return default_window(self.ds, self.pixels(frame))
+        return header_window(self.ds) or default_window(self.ds, self.pixels(frame))
 
     def unit(self) -> str | None:
         """Unit of the modality values: HU for CT, else Rescale Type when given."""
@@ -232,8 +242,122 @@ def cache_bytes() -> int:
 
 
 def clear_cache() -> None:
-    """Forget every cached instance (tests; a process that must release memory)."""
+    """Forget every cached instance and header (tests; a process that must release memory)."""
     _CACHE.clear()
+    with _HEADERS_LOCK:
+        _HEADERS.clear()
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the frame list needs of an instance's header (kept per process, small)."""
+
+    rows: int
+    columns: int
+    count: int
+    spacing: Spacing | None
+    window: Window | None
+    """The header's window; None when it has none (computed from the pixels if asked)."""
+    grey: bool
+    position: float | None
+    """Image Position (Patient) along the slice normal, when the header says."""
+    instance_number: int | None
+    slice_location: float | None
+
+    @classmethod
+    def of(cls, ds: Dataset) -> Header:
+        grey = int(ds.get("SamplesPerPixel") or 1) == 1 and str(
+            ds.get("PhotometricInterpretation", "MONOCHROME2")
+        ).strip() in ("MONOCHROME1", "MONOCHROME2")
+        return cls(
+            rows=int(ds.get("Rows") or 0),
+            columns=int(ds.get("Columns") or 0),
+            count=frame_count(ds),
+            spacing=spacing_of(ds),
+            window=header_window(ds) if grey else COLOUR_WINDOW,
+            grey=grey,
+            position=_header_key(ds)[0],
+            instance_number=_int(ds.get("InstanceNumber")),
+            slice_location=_float(ds.get("SliceLocation")),
+        )
+
+    def to_facts(self) -> dict[str, Any]:
+        """As stored in `FrameHeader.facts`."""
+        return {
+            "rows": self.rows,
+            "columns": self.columns,
+            "count": self.count,
+            "spacing": [self.spacing.row_mm, self.spacing.col_mm, self.spacing.source]
+            if self.spacing
+            else None,
+            "window": [self.window.center, self.window.width] if self.window else None,
+            "grey": self.grey,
+            "position": self.position,
+            "instance_number": self.instance_number,
+            "slice_location": self.slice_location,
+        }
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> Header:
+        spacing = facts.get("spacing")
+        window = facts.get("window")
+        return cls(
+            rows=int(facts["rows"]),
+            columns=int(facts["columns"]),
+            count=int(facts["count"]),
+            spacing=Spacing(float(spacing[0]), float(spacing[1]), str(spacing[2]))
+            if spacing
+            else None,
+            window=Window(float(window[0]), float(window[1])) if window else None,
+            grey=bool(facts["grey"]),
+            position=facts.get("position"),
+            instance_number=facts.get("instance_number"),
+            slice_location=facts.get("slice_location"),
+        )
+
+
+HEADER_THREADS: Final = 4
+"""Threads that read the headers of a series not seen before."""
+
+HEADER_CACHE_MAX: Final = 200_000
+"""Instance headers one process remembers (a few hundred bytes each)."""
+
+_HEADERS: OrderedDict[str, Header] = OrderedDict()
+_HEADERS_LOCK = threading.Lock()
+
+
+def header(hub: Hub, instance: Instance, blob: Blob | None = None) -> Header:
+    """The instance's header facts: from the cache, from a loaded instance, or read now
+    from the first sealed chunk(s) of its blob, without decoding or keeping the pixels."""
+    with _HEADERS_LOCK:
+        found = _HEADERS.get(instance.id)
+    if found is not None:
+        return found
+    loaded = _CACHE.get(instance.id)
+    if loaded is not None:
+        made = Header.of(loaded.ds)
+    else:
+        if blob is None:
+            with hub.sessions() as session:
+                blob = session.get_one(Blob, instance.blob_id)
+        made = Header.of(_read_header(hub, blob))
+    with _HEADERS_LOCK:
+        _HEADERS[instance.id] = made
+        while len(_HEADERS) > HEADER_CACHE_MAX:
+            _HEADERS.popitem(last=False)
+    return made
+
+
+def _read_header(hub: Hub, blob: Blob) -> Dataset:
+    """The dataset up to its Pixel Data, decrypting only as many chunks as that takes."""
+    buffer = bytearray()
+    for chunk in vault.read(hub, blob):
+        buffer += chunk
+        try:
+            return dcmread(io.BytesIO(bytes(buffer)), stop_before_pixels=True)
+        except Exception:  # cut short inside the header: read on
+            continue
+    return dcmread(io.BytesIO(bytes(buffer)), stop_before_pixels=True)
 
 
 def load(hub: Hub, instance: Instance) -> Loaded:
@@ -265,6 +389,31 @@ def _read(hub: Hub, blob: Blob) -> Dataset:
         return ds
 
 
+def newest_instances_with_blobs(hub: Hub, series_pk: str) -> list[tuple[Instance, Blob]]:
+    """`newest_instances` with each one's blob row, in one query."""
+    newest = (
+        select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
+        .where(Instance.series_pk == series_pk)
+        .group_by(Instance.sop_instance_uid)
+        .subquery()
+    )
+    with hub.sessions() as session:
+        return [
+            (instance, blob)
+            for instance, blob in session.execute(
+                select(Instance, Blob)
+                .join(Blob, Blob.id == Instance.blob_id)
+                .join(
+                    newest,
+                    (Instance.sop_instance_uid == newest.c.sop_instance_uid)
+                    & (Instance.version == newest.c.version),
+                )
+                .where(Instance.series_pk == series_pk)
+                .order_by(Instance.instance_number, Instance.sop_instance_uid)
+            )
+        ]
+
+
 def newest_instances(hub: Hub, series_pk: str) -> list[Instance]:
     """The newest version of each SOP instance of a series (visibility already checked)."""
     newest = (
@@ -289,47 +438,102 @@ def newest_instances(hub: Hub, series_pk: str) -> list[Instance]:
 
 
 def series_frames(hub: Hub, series: Series) -> list[FrameInfo]:
-    """Every frame of the series' image instances, in scroll order."""
-    entries: list[tuple[tuple[Any, ...], Loaded, Instance]] = []
-    for instance in newest_instances(hub, series.id):
-        if not instance.rows or not instance.columns:
-            continue  # not an image (an SR, a presentation state, a document)
-        loaded = load(hub, instance)
-        entries.append((_header_key(loaded.ds), loaded, instance))
-    positional = all(key[0] is not None for key, _, _ in entries)
+    """Every frame of the series' image instances, in scroll order (headers only: no
+    pixel data is decoded unless an image has no window of its own)."""
+    images = [
+        (instance, blob)
+        for instance, blob in newest_instances_with_blobs(hub, series.id)
+        if instance.rows and instance.columns  # not an SR, a presentation state, a document
+    ]
+    heads = _indexed_headers(hub, [instance.id for instance, _ in images])
+    missing = [(i, b) for i, b in images if i.id not in heads]
+    if missing:
+        # Decryption releases the GIL: a few threads read the headers of a new series faster.
+        with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
+            read = list(pool.map(lambda pair: header(hub, *pair), missing))
+        made = {instance.id: head for (instance, _), head in zip(missing, read, strict=True)}
+        _index_headers(hub, made)
+        heads.update(made)
+    entries = [(heads[instance.id], instance) for instance, _ in images]
+    positional = all(h.position is not None for h, _ in entries)
     entries.sort(
         key=lambda e: (
-            e[0][0] if positional else 0.0,
-            e[2].instance_number if e[2].instance_number is not None else math.inf,
-            e[2].sop_instance_uid,
+            (e[0].position or 0.0) if positional else 0.0,
+            e[1].instance_number if e[1].instance_number is not None else math.inf,
+            e[1].sop_instance_uid,
         )
     )
-    frames: list[FrameInfo] = []
-    for _, loaded, instance in entries:
-        ds = loaded.ds
-        number = _int(ds.get("InstanceNumber"))
-        location = _float(ds.get("SliceLocation"))
-        for frame in range(1, loaded.count + 1):
-            frames.append(
+    listed: list[FrameInfo] = []
+    for head, instance in entries:
+        for frame in range(1, head.count + 1):
+            listed.append(
                 FrameInfo(
                     instance_id=instance.id,
                     sop_instance_uid=instance.sop_instance_uid,
                     frame=frame,
-                    rows=loaded.rows,
-                    columns=loaded.columns,
-                    spacing=loaded.spacing,
-                    window=_window_or_colour(loaded, frame),
-                    instance_number=number,
-                    slice_location=location,
+                    rows=head.rows,
+                    columns=head.columns,
+                    spacing=head.spacing,
+                    window=head.window or _pixel_window(hub, instance, frame),
+                    instance_number=head.instance_number,
+                    slice_location=head.slice_location,
                 )
             )
-    return frames
+    return listed
 
 
-def _window_or_colour(loaded: Loaded, frame: int) -> Window:
+def index_study(hub: Hub, study_pk: str) -> int:
+    """Read and index the headers of every series of a study (for a worker to call when
+    the study is complete, so its first opening in the viewer is index-only); returns
+    the number of frames listed."""
+    with hub.sessions() as session:
+        series = list(session.scalars(select(Series).where(Series.study_pk == study_pk)))
+    return sum(len(series_frames(hub, s)) for s in series)
+
+
+def _indexed_headers(hub: Hub, instance_ids: list[str]) -> dict[str, Header]:
+    """Headers from the process cache, then from the index (one query)."""
+    found: dict[str, Header] = {}
+    with _HEADERS_LOCK:
+        for instance_id in instance_ids:
+            if (head := _HEADERS.get(instance_id)) is not None:
+                found[instance_id] = head
+    wanted = [i for i in instance_ids if i not in found]
+    if wanted:
+        with hub.sessions() as session:
+            for row in session.scalars(
+                select(FrameHeader).where(FrameHeader.instance_id.in_(wanted))
+            ):
+                try:
+                    found[row.instance_id] = Header.from_facts(row.facts)
+                except (KeyError, TypeError, ValueError, IndexError):
+                    continue  # an unreadable row is read again from the blob
+    return found
+
+
+def _index_headers(hub: Hub, heads: dict[str, Header]) -> None:
+    """Keep headers read from blobs in the index; a concurrent reader may have done it."""
     try:
-        return loaded.window(frame)
-    except Exception:  # an undecodable frame still gets listed; rendering says why
+        with transaction(hub.sessions) as session:
+            known = set(
+                session.scalars(
+                    select(FrameHeader.instance_id).where(FrameHeader.instance_id.in_(list(heads)))
+                )
+            )
+            session.add_all(
+                FrameHeader(instance_id=i, facts=h.to_facts())
+                for i, h in heads.items()
+                if i not in known
+            )
+    except IntegrityError:
+        pass  # another process indexed them meanwhile: theirs are the same facts
+
+
+def _pixel_window(hub: Hub, instance: Instance, frame: int) -> Window:
+    """The auto-window of a grey frame whose header has none (decodes the frame)."""
+    try:
+        return load(hub, instance).window(frame)
+    except Exception:  # an undecodable frame is still listed; rendering says why
         return COLOUR_WINDOW
 
 

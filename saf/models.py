@@ -581,6 +581,17 @@ class Reply(Base):
     diagnostic_report_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
+class FrameHeader(Base):
+    """What the viewer's frame list needs of an image's header (saf.frames), kept once
+    read so a series opens from the index alone: geometry, spacing, default window."""
+
+    __tablename__ = "frame_header"
+
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instance.id"), primary_key=True)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """saf.frames.Header as JSON (no PHI: sizes, spacing, window, position, numbers)."""
+
+
 class CaseMessage(Base):
     """A question of the specialist or an answer of the clinic on a case: the FHIR
     Communication that holds it (its text is there, sealed), in order."""

@@ -138,6 +138,11 @@ def modality_values(ds: Dataset, pixels: npt.NDArray[Any]) -> FloatArray:
     return _modality_values(ds, pixels)
 
 
+def header_window(ds: Dataset) -> Window | None:
+    """The header's first valid Window Center/Width, or None."""
+    return _header_window(ds)
+
+
 def default_window(ds: Dataset, pixels: npt.NDArray[Any]) -> Window:
     """The window `render` uses when none is given: the header's, else the auto-window."""
     header = _header_window(ds)

@@ -236,8 +236,8 @@ def _arrow_head(tail: list[float], head: list[float]) -> np.ndarray:
     length = math.hypot(dx, dy) or 1.0
     size = max(3.0, length / 5)
     ux, uy = dx / length, dy / length
-    left = [head[0] - size * (ux - uy * 0.5), head[1] - size * (uy + ux * 0.5)]
-    right = [head[0] - size * (ux + uy * 0.5), head[1] - size * (uy - ux * 0.5)]
+    left = [head[0] - size * (ux - uy * 0.6), head[1] - size * (uy + ux * 0.6)]
+    right = [head[0] - size * (ux + uy * 0.6), head[1] - size * (uy - ux * 0.6)]
     return np.array([left, head, right], dtype=np.float64)
 
 

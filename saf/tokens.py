@@ -21,11 +21,13 @@ twice (a primary-key insert, so the refusal holds across processes), the key pic
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -38,13 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm
 from jwt.exceptions import InvalidTokenError, PyJWTError
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
 
 from saf.audit import autocommit_engine
 from saf.db import transaction
 from saf.hub import Hub
-from saf.identity import Principal, grantable, grantable_to, role_scopes
+from saf.identity import Principal, Role, grantable, grantable_to, role_scopes
 from saf.models import ApiClient, UsedAssertion, User
 from saf.users import CLIENT_ASSERTION_ALGORITHMS, principal_of_client, principal_of_user
 
@@ -336,34 +338,18 @@ def verify_access_token(hub: Hub, token: str, *, now: float | None = None) -> Pr
     Refused (TokenError ``invalid_token``): a bad signature, another kid, wrong `typ`, an
     expired token, a logged-out (revoked) token, a disabled user, a revoked client.
     """
-    claims = _decode(hub, token, _ACCESS_TYP, now)
+    claims = _verified_access_claims(hub, token, now)
     scopes = frozenset(str(claims.get("scope", "")).split())
+    params = {"jti": str(claims["jti"]), "sub": str(claims["sub"])}
+    user = claims["kind"] == "user"
     # One autocommitted SELECT answers "revoked?" and "who is it now?" together: this runs
     # on every request, and each round trip to PostgreSQL is a large share of a read.
-    revoked = (
-        select(UsedAssertion.jti)
-        .where(UsedAssertion.client_id == _REVOKED, UsedAssertion.jti == str(claims["jti"]))
-        .exists()
-        .label("revoked")
-    )
-    stmt: Any  # the user's or the client's columns
-    if claims["kind"] == "user":
-        stmt = select(
-            revoked, User.id, User.username, User.role, User.clinic_id, User.specialties,
-            User.disabled_at,
-        ).where(User.id == str(claims["sub"]))  # fmt: skip
-    else:
-        stmt = select(
-            revoked, ApiClient.id, ApiClient.name, ApiClient.clinic_id, ApiClient.scopes,
-            ApiClient.revoked_at,
-        ).where(ApiClient.id == str(claims["sub"]))  # fmt: skip
     with autocommit_engine(hub.engine).connect() as conn:
-        row = conn.execute(stmt).one_or_none()
-        if row is None:  # the account is gone: still say "revoked" for a logged-out token
-            is_revoked = conn.execute(select(revoked)).scalar_one()
-    if row.revoked if row is not None else is_revoked:
+        row = conn.execute(_USER_NOW if user else _CLIENT_NOW, params).one_or_none()
+        revoked = bool(row.revoked if row else conn.execute(_REVOKED_NOW, params).scalar())
+    if revoked:
         raise TokenError("invalid_token", "the token was revoked (logged out)")
-    if claims["kind"] == "user":
+    if user:
         if row is None or row.disabled_at is not None:
             raise TokenError("invalid_token", "the account is disabled or gone")
         principal = principal_of_user(
@@ -372,11 +358,78 @@ def verify_access_token(hub: Hub, token: str, *, now: float | None = None) -> Pr
                 specialties=row.specialties,
             )
         )  # fmt: skip
-        return replace(principal, scopes=grantable_to(principal, scopes))
+        return replace(principal, scopes=_user_grant(principal.role, scopes))
     if row is None or row.revoked_at is not None:
         raise TokenError("invalid_token", "the client is revoked or gone")
     client = ApiClient(id=row.id, name=row.name, clinic_id=row.clinic_id, scopes=row.scopes)
-    return principal_of_client(client, grantable(scopes, frozenset(client.scopes.split())))
+    return principal_of_client(client, _client_grant(scopes, client.scopes))
+
+
+_REVOKED_NOW: Final = select(
+    select(UsedAssertion.jti)
+    .where(UsedAssertion.client_id == _REVOKED, UsedAssertion.jti == bindparam("jti"))
+    .exists()
+    .label("revoked")
+)
+_USER_NOW: Final = select(
+    _REVOKED_NOW.selected_columns.revoked, User.id, User.username, User.role, User.clinic_id,
+    User.specialties, User.disabled_at,
+).where(User.id == bindparam("sub"))  # fmt: skip
+_CLIENT_NOW: Final = select(
+    _REVOKED_NOW.selected_columns.revoked, ApiClient.id, ApiClient.name, ApiClient.clinic_id,
+    ApiClient.scopes, ApiClient.revoked_at,
+).where(ApiClient.id == bindparam("sub"))  # fmt: skip
+"""Built once: building and caching a statement per request costs more than running it."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _user_grant(role: Role, requested: frozenset[str]) -> frozenset[str]:
+    """`grantable_to` for a person: it depends on the role and the scopes only."""
+    return grantable_to(Principal(kind="user", id="", name="", role=role), requested)
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_grant(requested: frozenset[str], registered: str) -> frozenset[str]:
+    return grantable(requested, frozenset(registered.split()))
+
+
+VERIFIED_CACHE_SIZE: Final = 10_000
+"""Access tokens whose signature this process has checked, kept so the next request with
+the same token skips the ES256 verification and JWT parsing (the database checks that
+make a revoked token or a disabled account fail at once are not cached)."""
+
+_verified: OrderedDict[str, tuple[SigningKey, dict[str, Any]]] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def _verified_access_claims(hub: Hub, token: str, now: float | None) -> dict[str, Any]:
+    """`_decode` for an access token, remembering tokens already verified.
+
+    A remembered token is accepted only while it has not expired (the same leeway) and
+    the very key object that verified it is still the hub's key for its kid (a rotation
+    that drops the key, or a reload of the key file, forgets it).
+    """
+    if now is not None:  # tests set the clock: nothing remembered applies
+        return _decode(hub, token, _ACCESS_TYP, now)
+    with _verified_lock:
+        hit = _verified.get(token)
+        if hit is not None:
+            _verified.move_to_end(token)
+    if hit is not None:
+        key, claims = hit
+        if (
+            signing_keys(hub).by_kid(key.kid) is key
+            and time.time() < claims["exp"] + LEEWAY_SECONDS
+        ):
+            return claims
+    claims = _decode(hub, token, _ACCESS_TYP, None)
+    key_now = signing_keys(hub).by_kid(str(jwt.get_unverified_header(token)["kid"]))
+    if key_now is not None:
+        with _verified_lock:
+            _verified[token] = (key_now, claims)
+            while len(_verified) > VERIFIED_CACHE_SIZE:
+                _verified.popitem(last=False)
+    return claims
 
 
 def _principal_now(session: Any, claims: dict[str, Any], scopes: frozenset[str]) -> Principal:

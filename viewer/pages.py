@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -28,10 +28,10 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import or_
 
-from saf import audit, fhir_store, tenancy
+from saf import audit, fhir_store, frames, tenancy
 from saf.deps import AuthError, HubDep, require_scope
 from saf.identity import Principal
-from saf.models import CaseStudy, FhirResource, Series
+from saf.models import CaseStudy, FhirResource, Series, Study
 
 HERE: Final = Path(__file__).parent
 STATIC_DIR: Final = HERE / "static"
@@ -238,15 +238,55 @@ def viewer_page(
     """The image viewer for a case's series (annotations and the reply form alongside)."""
     if not _visible_case(hub, caller, case_id, "viewer"):
         return _not_found(request, caller)
+    series_id = series or _first_series(hub, caller, case_id)
+    listing = _frames(hub, caller, series_id) if series_id else None
+    first_image = None
+    if listing and listing["frames"]:
+        middle = listing["frames"][len(listing["frames"]) // 2]
+        first_image = (
+            f"/api/instances/{middle['instance_id']}/frames/{middle['frame']}/rendered?"
+            + urlencode(FIRST_IMAGE_QUERY)
+        )
     return templates.TemplateResponse(
         request,
         "viewer.html",
         {
             "who": _who(caller),
             "case_id": case_id,
-            "series": series or _first_series(hub, caller, case_id),
+            "series": series_id,
+            "frames": listing,
+            "first_image": first_image,
         },
     )
+
+
+FIRST_IMAGE_QUERY: Final = {"size": "128", "format": "jpeg", "quality": "70"}
+"""The first, thumbnail-size frame the viewer paints (viewer.js asks for exactly this
+URL, so the page's preload of it is used)."""
+
+
+def _frames(hub: HubDep, caller: Principal, series_id: str) -> dict[str, Any] | None:
+    """The series' frame list, as GET /api/series/{id}/frames answers it, for the page to
+    carry (saving the viewer a round trip before its first image); None when the series
+    is not the caller's or cannot be listed now (the script then asks the API itself)."""
+    with hub.sessions() as session:
+        found = tenancy.get_series(session, caller, series_id)
+        study = session.get(Study, found.study_pk) if found is not None else None
+    if found is None or study is None:
+        return None
+    try:
+        listed = frames.series_frames(hub, found)
+    except Exception:  # the API route reports the damage; the page just does not inline
+        return None
+    audit.record_access(
+        hub, "read", caller, "Series", found.id, owner=study, detail=f"viewer page, {len(listed)}"
+    )
+    return {
+        "series_id": found.id,
+        "series_instance_uid": found.series_instance_uid,
+        "modality": found.modality,
+        "frames": [f.to_json() for f in listed],
+    }
 
 
 NO_PIXELS: Final = ("SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT")

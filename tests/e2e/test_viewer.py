@@ -118,7 +118,12 @@ def clinic_sees_reply(browser: Any, served: Served, **context: Any) -> None:
     log_in(page, served, DEMO_CLINICIAN, f"/cases/{served.demo.case_id}")
     page.wait_for_selector("#reply-signed")
     assert "Probably benign nodule" in page.locator("#reply-signed").inner_text()
-    assert page.locator("#tools").count() == 0  # the case page has no drawing tools
+    # the clinic sees the images read-only: no drawing tools, no reply form
+    page.click("#open-viewer")
+    wait_full_paint(page)
+    assert not page.locator("#tools").is_visible()
+    assert page.locator("#reply-form").count() == 0
+    page.wait_for_selector("#ann-list li.ann")  # the specialist's annotations are shown
     clinic.close()
 
 
@@ -315,4 +320,85 @@ def test_worklist_screenshot_and_session_expiry(browser: Any, served: Served) ->
     assert "session expired" in page.locator("#banner").inner_text().lower()
     link = page.locator("#banner a").get_attribute("href")
     assert link == "/login?next=%2Fworklist"
+    context.close()
+
+
+def test_angle_ellipse_edit_and_delete(browser: Any, served: Served) -> None:
+    context = browser.new_context(viewport={"width": 1366, "height": 860})
+    page = context.new_page()
+    open_case_as_specialist(page, served)
+    box = stage_box(page)
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    # an angle: drag the first arm, then click the third point (a right angle)
+    page.click('[data-mode="angle"]')
+    page.mouse.move(cx - 100, cy)
+    page.mouse.down()
+    page.mouse.move(cx, cy, steps=4)
+    page.mouse.up()
+    page.mouse.move(cx, cy - 100, steps=4)
+    page.mouse.click(cx, cy - 100)
+    page.wait_for_function("() => window.safViewer.annotations.length === 1")
+    # an ellipse ROI: area, mean and SD in HU
+    page.click('[data-mode="ellipse"]')
+    page.mouse.move(cx + 40, cy + 40)
+    page.mouse.down()
+    page.mouse.move(cx + 120, cy + 100, steps=4)
+    page.mouse.up()
+    page.wait_for_function("() => window.safViewer.annotations.length === 2")
+    kinds = {a["kind"]: a for a in annotations_api(page, served)}
+    assert abs(kinds["angle"]["measurement"]["angle_deg"] - 90) < 1.5
+    ellipse = kinds["ellipse"]["measurement"]
+    assert ellipse["area_mm2"] > 0 and ellipse["unit"] == "HU"
+    listed = page.locator("#ann-list").inner_text()
+    assert "°" in listed and "mm²" in listed and "HU" in listed
+
+    # select the ellipse by its outline and move it: saved with PUT, same area
+    page.click('[data-mode="select"]')
+    page.mouse.move(cx + 120, cy + 70)
+    page.mouse.down()
+    page.mouse.move(cx + 150, cy + 90, steps=4)
+    page.mouse.up()
+    page.wait_for_function(
+        f"""() => window.safViewer.annotations.some(a => a.kind === 'ellipse'
+              && a.updated_at !== {kinds["ellipse"]["updated_at"]!r})"""
+    )
+    moved = {a["kind"]: a for a in annotations_api(page, served)}["ellipse"]
+    assert moved["points"] != kinds["ellipse"]["points"]
+    assert abs(moved["measurement"]["area_mm2"] - ellipse["area_mm2"]) < 0.02 * ellipse["area_mm2"]
+
+    page.keyboard.press("Delete")
+    page.wait_for_function("() => window.safViewer.annotations.length === 1")
+    assert [a["kind"] for a in annotations_api(page, served)] == ["angle"]
+    context.close()
+
+
+def test_question_answered_by_the_clinic(browser: Any, served: Served) -> None:
+    context = browser.new_context(viewport={"width": 1366, "height": 860})
+    page = context.new_page()
+    open_case_as_specialist(page, served)
+    page.fill("#question-text", "Any prior imaging of the chest?")
+    page.click("#ask-question")
+    page.wait_for_selector("#banner:has-text('Question sent')")
+    context.close()
+
+    clinic = browser.new_context()
+    page = clinic.new_page()
+    log_in(page, served, DEMO_CLINICIAN, f"/cases/{served.demo.case_id}")
+    page.wait_for_selector("#communications li.from-specialist")
+    assert "Any prior imaging" in page.locator("#communications").inner_text()
+    assert page.locator("#case-status").inner_text() == "on-hold"
+    page.fill("#comment-text", "Yes, a chest X-ray in 2023, normal.")
+    page.click("#comment-form button[type=submit]")
+    page.wait_for_selector("#communications li.from-clinic")
+    page.wait_for_function(
+        "() => document.getElementById('case-status').textContent === 'in-progress'"
+    )
+    clinic.close()
+
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, served, DEMO_SPECIALIST, f"/cases/{served.demo.case_id}")
+    page.wait_for_selector("#communications li.from-clinic")
+    assert "chest X-ray in 2023" in page.locator("#communications").inner_text()
     context.close()

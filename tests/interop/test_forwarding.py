@@ -17,20 +17,24 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_node.forward import make_transport
 from saf.app import create_app
+from saf.clinics import add_clinic
+from saf.db import transaction
 from saf.forwarding import Forwarder
 from saf.hub import Hub
 from saf.ingest import ingest_part10
 from saf.models import Instance, OutboxEvent, utcnow
-from saf.pipeline import handle_event
+from saf.pipeline import REPLY_TOPIC, handle_event
 from saf.routing import default_rules
 from saf.settings import Settings
 from saf.stability import mark_stable_studies
 from tests.factories import dataset_sha256, login_as, make_clinic, make_study
 from tests.interop.conftest import dcmtk_env, free_port
+from tests.saf.store_scp import make_reply_sr
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
 
@@ -192,3 +196,41 @@ def test_stow_rs_forward_to_another_hub_over_real_http(
         stored = set(session.scalars(select(Instance.sha256)))
     assert stored == {dataset_sha256(p) for p in paths}
     dest.close()
+
+
+def test_a_reply_reaches_the_clinics_pacs_and_nothing_else_does(
+    hub: Hub, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """The clinic's PACS (a dcmtk storescp registered with the `reply` permission) gets the
+    signed reply's SR, byte-identical, and none of the study's images."""
+    settings = hub.settings
+    settings.forward_poll_interval = 0.05
+    port = free_port()
+    sender = make_clinic(hub)
+    add_clinic(hub, "Clinic A", "CLINIC_PACS", "127.0.0.1", permissions=["store", "reply"],
+               port=port)  # fmt: skip
+    paths = make_study(tmp_path / "study", "ct", count=3, size=32)
+    for path in paths:
+        ingest_part10(hub, path, sender)
+    [study_id] = mark_stable_studies(hub, now=utcnow() + timedelta(seconds=60))
+    sr = make_reply_sr(paths, tmp_path / "reply.dcm", "No acute findings.")
+    ingest_part10(hub, sr, sender)
+    payload = {"case_id": "c1", "study_ids": [study_id],
+               "series_instance_uids": [str(dcmread(sr).SeriesInstanceUID)]}  # fmt: skip
+    with transaction(hub.sessions) as session:
+        session.add(OutboxEvent(topic=REPLY_TOPIC, payload=payload))
+    with hub.sessions() as session:
+        [event] = session.scalars(select(OutboxEvent).where(OutboxEvent.topic == REPLY_TOPIC))
+    job_ids = handle_event(hub, event.topic, event.payload, default_rules())
+    assert isinstance(job_ids, list) and len(job_ids) == 1  # the clinic's PACS, no rules
+
+    out = tmp_path / "clinic-pacs"
+    procs.append(_storescp(port, out, "CLINIC_PACS"))
+    forwarder = Forwarder(hub, make_transport("SAF", settings))
+    forwarder.start()
+    try:
+        _wait("the reply at the clinic's PACS", lambda: _received(out) == {dataset_sha256(sr)})
+        time.sleep(0.5)  # nothing else follows
+        assert _received(out) == {dataset_sha256(sr)}
+    finally:
+        forwarder.stop()

@@ -254,3 +254,35 @@ def add_fhir_referral(hub: Hub, world: World) -> tuple[str, str]:
     stored_sr = fhir_store.create(hub, ehr, sr, RULES)
     assert stored_sr.case_id == world.ct_case_b, "the referral must join the chest CT case"
     return stored_patient.id, stored_sr.id
+
+
+def subscription_body(subscription_id: str | None = None) -> bytes:
+    """A FHIR Subscription (R4 backport) to the case-status topic whose endpoint refuses
+    connections (https on the discard port of the loopback: the handshake fails at once)."""
+    import json
+
+    from saf.subscriptions import TOPIC
+
+    sub: dict[str, object] = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "walker",
+        "criteria": TOPIC,
+        "channel": {"type": "rest-hook", "endpoint": "https://127.0.0.1:9/hook"},
+    }
+    if subscription_id:
+        sub["id"] = subscription_id
+    return json.dumps(sub).encode()
+
+
+def add_subscription(hub: Hub, world: World) -> str:
+    """Clinic B's FHIR Subscription, made as its EHR would; returns its id."""
+    import json
+
+    from saf import subscriptions
+
+    ehr = Principal(
+        kind="client", id="ehr-b", name="ehr-b", role="system", clinic_id=world.b.clinic_id
+    )
+    made = subscriptions.create(hub, ehr, json.loads(subscription_body()))
+    return str(made["id"])

@@ -234,3 +234,16 @@ def test_annotations_freeze_once_signing_starts(hub: Hub, tmp_path: Path) -> Non
         annotations.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
     with hub.sessions() as session:
         assert session.scalars(select(Annotation.id)).all() == [row.id]
+
+
+def test_imager_pixel_spacing_is_used_and_named_when_pixel_spacing_is_absent(
+    tmp_path: Path,
+) -> None:
+    loaded = _loaded(tmp_path, spacing=False)
+    loaded.ds.ImagerPixelSpacing = [0.2, 0.2]
+    loaded = frames.Loaded("test-instance", loaded.ds, 0)
+
+    line = annotations.measure(loaded, _draft("line", [[0, 0], [10, 0]]))
+
+    assert line["length_mm"] == pytest.approx(2.0)
+    assert line["spacing_source"] == "ImagerPixelSpacing"

@@ -30,8 +30,9 @@ from saf.cli import app as cli_app
 from saf.deps import SESSION_COOKIE, CurrentPrincipal, require_scope
 from saf.hub import Hub
 from saf.identity import Principal
-from saf.models import AuditRecord
+from saf.models import AuditRecord, User
 from saf.settings import Settings
+from saf.tokens import revoke_access_token, rotate_signing_key
 from saf.users import disable_user, revoke_client
 from tests.factories import (
     TEST_PASSWORD,
@@ -592,3 +593,34 @@ def test_saf_api_serves_https_with_hsts_and_secure_cookie(hub: Hub, tmp_path: Pa
     half = runner.invoke(cli_app, ["api", "--ssl-certfile", str(cert)], env=env)
     assert half.exit_code == 2
     assert "--ssl-certfile and --ssl-keyfile go together" in half.output
+
+
+def test_a_token_seen_before_still_meets_every_database_check(client: TestClient, hub: Hub) -> None:
+    """The process remembers verified signatures, not answers: each request still sees a
+    logout, a changed account or a disabled user at once, and a dropped signing key."""
+    user = make_user(hub, "specialist", username="sam", specialties=["neuro"])
+    tokens = [_password(client, "sam", TEST_PASSWORD).json()["access_token"] for _ in range(2)]
+    for token in tokens:
+        for _ in range(2):  # the second request is answered from the remembered signature
+            assert client.get("/whoami", headers=_bearer(token)).status_code == 200
+
+    with hub.sessions.begin() as session:
+        session.get(User, user.id).specialties = ["chest"]  # type: ignore[union-attr]
+    assert client.get("/tasks", headers=_bearer(tokens[0])).status_code == 200
+    assert client.get("/whoami", headers=_bearer(tokens[0])).json()["role"] == "specialist"
+    revoke_access_token(hub, tokens[0])  # what logging out does
+    revoked = client.get("/whoami", headers=_bearer(tokens[0]))
+    assert revoked.status_code == 401 and "revoked" in revoked.json()["error_description"]
+
+    rotate_signing_key(hub)  # the old key still verifies until the next rotation drops it
+    assert client.get("/whoami", headers=_bearer(tokens[1])).status_code == 200
+    rotate_signing_key(hub)
+    dropped = client.get("/whoami", headers=_bearer(tokens[1]))
+    assert dropped.status_code == 401 and dropped.json()["error"] == "invalid_token"
+
+    fresh = _password(client, "sam", TEST_PASSWORD).json()["access_token"]
+    assert client.get("/whoami", headers=_bearer(fresh)).status_code == 200
+    disable_user(hub, "sam")
+    refused = client.get("/whoami", headers=_bearer(fresh))
+    assert refused.status_code == 401
+    assert "disabled" in refused.json()["error_description"]

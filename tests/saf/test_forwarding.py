@@ -18,6 +18,8 @@ from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
 from dicom_node.forward import make_transport, send_stow
+from saf import annotations, replies
+from saf.annotations import Draft
 from saf.cli import app
 from saf.clinics import ClinicError, add_clinic
 from saf.db import transaction
@@ -39,12 +41,25 @@ from saf.forwarding import (
 )
 from saf.hub import Hub
 from saf.ingest import Sender, ingest_part10
-from saf.models import AuditRecord, ForwardAck, ForwardJob, OutboxEvent, Study, utcnow
+from saf.models import (
+    AuditRecord,
+    Case,
+    Clinic,
+    ForwardAck,
+    ForwardJob,
+    OutboxEvent,
+    Series,
+    Study,
+    utcnow,
+)
 from saf.pipeline import REPLY_TOPIC, handle_event
+from saf.replies import ReplyDraft
 from saf.routing import RulesError, default_rules
 from saf.stability import mark_stable_studies
 from tests.factories import TEST_PATIENT_NAME, make_clinic, make_study, sop_instance_uid
 from tests.saf.store_scp import make_reply_sr, store_scp
+from tests.viewer.consult import RULES as VIEWER_RULES
+from tests.viewer.consult import SPECIALIST, make_consult
 
 PACS = "dicom://PACS@127.0.0.1:11113"
 ARCHIVE = "https://archive.example.org/dicomweb"
@@ -568,3 +583,55 @@ def _values(ds: Dataset, vr: str) -> list[object]:
     ds.walk(visit)
     ds.file_meta.walk(visit)
     return found
+
+
+def test_a_signed_reply_is_forwarded_de_identified_and_to_the_clinic(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """The whole way: the specialist signs (saf.replies makes the SR and GSPS and writes
+    case.replied), the pipeline queues, the sender C-STOREs the reply series only: as
+    stored to the clinic's PACS, de-identified to a research destination."""
+    consult = make_consult(hub, tmp_path)
+    for kind, points in (("line", [[10, 5], [20, 5]]), ("arrow", [[40, 30], [30, 20]])):
+        # A measurement makes the SR (TID 1500), any mark makes the GSPS.
+        annotations.create(hub, SPECIALIST, _case(hub, consult.case_id),
+                           Draft(consult.instance_ids[0], 1, kind, points, "here"))  # fmt: skip
+    replies.save_draft(hub, SPECIALIST, _case(hub, consult.case_id),
+                       ReplyDraft(findings="Nodule.", impression="Benign.", recommendation="",
+                                  urgent=False))  # fmt: skip
+    with (
+        store_scp("CLINIC_PACS") as (pacs_port, at_pacs),
+        store_scp("RESEARCH") as (
+            research_port,
+            at_research,
+        ),
+    ):
+        with hub.sessions() as session:
+            clinic = session.get_one(Clinic, consult.clinic_id).name
+        add_clinic(hub, clinic, "CLINIC_PACS", "127.0.0.1", permissions=["store", "reply"],
+                   port=pacs_port)  # fmt: skip
+        hub.settings.forwarding_path.write_text(
+            f'[[rule]]\nname = "research"\nevent = ["reply"]\ndeidentify = true\n'
+            f'destination = "dicom://RESEARCH@127.0.0.1:{research_port}"\n'
+        )
+        replies.sign(hub, SPECIALIST, _case(hub, consult.case_id), VIEWER_RULES)
+        with hub.sessions() as session:
+            [event] = session.scalars(select(OutboxEvent).where(OutboxEvent.topic == REPLY_TOPIC))
+            reply_series = set(event.payload["series_instance_uids"])
+            modalities = set(session.scalars(select(Series.modality).where(
+                Series.series_instance_uid.in_(reply_series))))  # fmt: skip
+        assert modalities == {"SR", "PR"}
+        job_ids = handle_event(hub, event.topic, event.payload, default_rules())
+        assert isinstance(job_ids, list) and len(job_ids) == 2
+        assert sorted(r.state for r in forward_due(hub, make_transport("SAF"))) == ["done"] * 2
+        assert at_pacs.uids("SeriesInstanceUID") == reply_series
+        assert {str(ds.Modality) for ds in at_pacs.datasets} == {"SR", "PR"}
+        assert len(at_research.datasets) == len(at_pacs.datasets)
+        assert not at_research.uids("SeriesInstanceUID") & reply_series
+        assert {str(ds.PatientIdentityRemoved) for ds in at_research.datasets} == {"YES"}
+        assert at_research.uids("PatientID").isdisjoint(at_pacs.uids("PatientID"))
+
+
+def _case(hub: Hub, case_id: str) -> Case:
+    with hub.sessions() as session:
+        return session.get_one(Case, case_id)

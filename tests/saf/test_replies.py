@@ -135,6 +135,7 @@ def test_signing_makes_sr_gsps_pdf_and_report(hub: Hub, tmp_path: Path) -> None:
 
     pdf = replies.pdf_bytes(hub, case)
     assert pdf is not None and pdf.startswith(b"%PDF") and len(pdf) > 2000
+    assert pdf.count(b"/Subtype /Image") == 1  # the one annotated frame, as a key image
 
     dr = fhir_store.read(hub, SYSTEM, "DiagnosticReport", view["diagnostic_report"].split("/")[1])
     content = dr.content or {}

@@ -51,12 +51,14 @@ from tests.saf.tenants import (
     People,
     World,
     add_fhir_referral,
+    add_subscription,
     ehr_login,
     fhir_referral,
     login,
     make_people,
     make_world,
     stow_body,
+    subscription_body,
 )
 
 # --------------------------------------------------------------------------- the data
@@ -143,6 +145,46 @@ QUERIES: dict[tuple[str, str], str] = {
 """Query strings routes need (appended to the filled path for every caller)."""
 
 
+# FHIR Subscription, AuditEvent and the read-only ImagingStudy (A2).
+PARAMS.update(
+    {
+        "subscription_id": lambda t: t.subscription_id,
+        "audit_event_id": lambda t: t.audit_event_id,
+    }
+)
+RIGHTFUL.update(
+    {
+        ("POST", "/fhir/Subscription"): "ehr_b",  # clinicians read subscriptions, EHRs write
+        ("PUT", "/fhir/Subscription/{subscription_id}"): "ehr_b",
+        ("DELETE", "/fhir/Subscription/{subscription_id}"): "ehr_b",
+        ("GET", "/fhir/AuditEvent"): "admin",
+        ("GET", "/fhir/AuditEvent/{audit_event_id}"): "admin",
+        ("POST", "/fhir/ImagingStudy"): "ehr_b",
+        ("PUT", "/fhir/ImagingStudy/{study_id}"): "ehr_b",
+        ("DELETE", "/fhir/ImagingStudy/{study_id}"): "ehr_b",
+    }
+)
+BODIES.update(
+    {
+        ("POST", "/fhir/Subscription"): lambda t: (subscription_body(), "application/fhir+json"),
+        ("PUT", "/fhir/Subscription/{subscription_id}"): lambda t: (
+            subscription_body(t.subscription_id),
+            "application/fhir+json",
+        ),
+    }
+)
+NOT_ALLOWED: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("POST", "/fhir/ImagingStudy"),
+        ("PUT", "/fhir/ImagingStudy/{study_id}"),
+        ("DELETE", "/fhir/ImagingStudy/{study_id}"),
+    }
+)
+"""Routes that exist to refuse an interaction (405 with an OperationOutcome: writes to the
+read-only ImagingStudy): an authenticated caller's 405 counts as a refusal, and the
+rightful caller's positive control is a 405 too."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Clinic B's chest CT case (routed to thoracic radiology) and its objects."""
@@ -168,6 +210,12 @@ class Target:
     """A forwarding job of the target study (the admin's /api/forward routes)."""
     annotation_id: str = ""
     """An annotation on the target case (the viewer's annotation routes)."""
+    subscription_id: str = ""
+    """Clinic B's FHIR Subscription (its endpoint refuses connections: status error)."""
+    audit_event_id: str = ""
+    """An audit record (admins read the trail at /fhir/AuditEvent)."""
+    binary_id: str = ""
+    """Clinic B's FHIR Binary (a referral letter's bytes; fhir_api.mhd)."""
 
 
 def _target(hub: Hub, world: World) -> Target:
@@ -199,7 +247,24 @@ def _target(hub: Hub, world: World) -> Target:
         fhir_patient_id,
         forward_job_id=_forward_job(hub, study_id),
         annotation_id=_annotation(hub, case.id, instances[0]),
+        subscription_id=add_subscription(hub, world),
+        audit_event_id=str(audit.record(hub, "config", audit.Actor("system", "saf", "saf"))),
+        binary_id=_binary(hub, world),
     )
+
+
+def _binary(hub: Hub, world: World) -> str:
+    """Clinic B's Binary, stored the way its EHR would (A1: fhir_api.mhd)."""
+    from saf import documents, fhir_store
+    from saf.identity import Principal
+    from saf.routing import default_rules
+
+    ehr = Principal(
+        kind="client", id="ehr-b", name="ehr-b", role="system", clinic_id=world.b.clinic_id
+    )
+    sealed = documents.put(hub, b"%PDF-1.4 referral letter")
+    binary = {"resourceType": "Binary", "contentType": "application/pdf"}
+    return fhir_store.create(hub, ehr, binary, default_rules(), document=sealed).id
 
 
 def _annotation(hub: Hub, case_id: str, instance_id: str) -> str:
@@ -227,6 +292,21 @@ def _forward_job(hub: Hub, study_id: str) -> int:
     rule = '[[rule]]\nname = "pacs"\ndestination = "dicom://PACS@127.0.0.1:9"\n'
     [job_id] = enqueue_study(hub, study_id, rules=parse_forward_rules(rule))
     return job_id
+
+
+# FHIR Binary and transaction/batch Bundles (A1).
+PARAMS["binary_id"] = lambda t: t.binary_id
+BODIES.update(
+    {
+        ("POST", "/fhir/Binary"): lambda t: (b"%PDF-1.4 another letter", "application/pdf"),
+        ("POST", "/fhir"): lambda t: (
+            b'{"resourceType": "Bundle", "type": "transaction", "entry": [{"request": '
+            b'{"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient", '
+            b'"identifier": [{"system": "urn:walker", "value": "W1"}]}}]}',
+            "application/fhir+json",
+        ),
+    }
+)
 
 
 # --------------------------------------------------------------------------- the walker
@@ -367,7 +447,10 @@ def check_routes(client: TestClient, callers: Callers, target: Target) -> list[s
             response = client.request(
                 endpoint.method, url, **_with_body(endpoint, attempt.headers, target)
             )
-            if not attempt.refused(response):
+            refused_here = (endpoint.method, endpoint.path) in NOT_ALLOWED and (
+                response.status_code == 405 and attempt.refused is not unauthenticated
+            )
+            if not attempt.refused(response) and not refused_here:
                 problems.append(
                     f"{label}: {attempt.name} got {response.status_code}, expected "
                     f"{attempt.expected}: {response.text[:200]}"
@@ -379,7 +462,12 @@ def check_routes(client: TestClient, callers: Callers, target: Target) -> list[s
         response = client.request(
             endpoint.method, url, **_with_body(endpoint, callers.rightful[rightful], target)
         )
-        if not response.is_success:
+        wanted = (
+            response.status_code == 405
+            if (endpoint.method, endpoint.path) in NOT_ALLOWED
+            else response.is_success
+        )
+        if not wanted:
             problems.append(
                 f"{endpoint.method} {endpoint.path}: the rightful caller ({rightful}) got "
                 f"{response.status_code}, expected success (fix the route or RIGHTFUL): "

@@ -60,6 +60,24 @@ def test_frames_are_listed_in_scroll_order_with_spacing_and_window(
     assert first["slice_location"] == 0.0
 
 
+def test_a_series_opened_once_lists_from_the_index(hub: Hub, consult: Consult) -> None:
+    url = f"/api/series/{consult.series_id}/frames"
+    with TestClient(create_app(hub)) as client:
+        headers = clinician(client)
+        first = client.get(url, headers=headers).json()
+        frames.clear_cache()
+        with hub.sessions() as session:
+            blob_ids = session.scalars(
+                select(Instance.blob_id).where(Instance.series_pk == consult.series_id)
+            ).all()
+        for blob_id in blob_ids:  # the pixels are gone: only the index can answer now
+            hub.blobs.delete(blob_id)
+        again = client.get(url, headers=headers)
+
+    assert again.status_code == 200
+    assert again.json() == first
+
+
 def test_a_multiframe_instance_gives_one_entry_per_frame(hub: Hub, tmp_path: Path) -> None:
     sender = Sender(add_clinic(hub, "Clinic A").id, "test:us")
     [path] = make_study(tmp_path / "us", "us", count=4, size=32, patient_id="US-1")
@@ -256,3 +274,61 @@ def test_scrolling_a_ct_is_fast_once_cached(hub: Hub, tmp_path: Path) -> None:
     # does not reach the server; this is the harder case of a window change on every
     # slice, on a machine shared with other test runs: a floor well below what it does.
     assert per_second >= 10
+
+
+def test_the_reply_over_http(hub: Hub, consult: Consult) -> None:
+    base = f"/api/cases/{consult.case_id}"
+    line = {
+        "instance_id": consult.instance_ids[0],
+        "frame": 1,
+        "kind": "line",
+        "points": [[10, 5], [20, 5]],
+    }
+    with TestClient(create_app(hub)) as client:
+        spec, nurse = specialist(client), clinician(client)
+        assert client.get(f"{base}/reply", headers=nurse).json()["status"] == "none"
+        assert client.post(f"{base}/annotations", json=line, headers=spec).status_code == 201
+        bad = client.put(f"{base}/reply", json={"findings": 3}, headers=spec)
+        draft = client.put(
+            f"{base}/reply",
+            json={
+                "findings": "nodule",
+                "impression": "benign",
+                "recommendation": "",
+                "urgent": True,
+            },
+            headers=spec,
+        )
+        by_nurse = client.put(f"{base}/reply", json={"impression": "x"}, headers=nurse)
+        asked = client.post(f"{base}/reply/question", json={"text": "Smoker?"}, headers=spec)
+        answered = client.post(
+            f"{base}/comments", json={"text": "Yes, 20 pack-years."}, headers=nurse
+        )
+        empty = client.post(f"{base}/comments", json={"text": " "}, headers=nurse)
+        no_pdf = client.get(f"{base}/reply/pdf", headers=nurse)
+        signed = client.post(f"{base}/reply/sign", headers=spec)
+        again = client.post(f"{base}/reply/sign", headers=spec)
+        seen = client.get(f"{base}/reply", headers=nurse)
+        pdf = client.get(f"{base}/reply/pdf", headers=nurse)
+        late = client.post(f"{base}/annotations", json=line, headers=spec)
+        case = client.get(f"/api/cases/{consult.case_id}", headers=nurse).json()
+
+    assert bad.status_code == 422 and bad.json()["field"] == "findings"
+    assert draft.status_code == 200 and draft.json()["status"] == "draft"
+    assert draft.json()["urgent"] is True
+    assert by_nurse.status_code == 403
+    assert asked.json()["communications"][0]["from"] == "specialist"
+    assert [c["from"] for c in answered.json()["communications"]] == ["specialist", "clinic"]
+    assert empty.status_code == 422 and empty.json()["field"] == "text"
+    assert no_pdf.status_code == 404
+    assert signed.status_code == 200, signed.text
+    assert again.json() == signed.json()
+    body = seen.json()
+    assert body["status"] == "signed" and body["impression"] == "benign"
+    assert body["diagnostic_report"].startswith("DiagnosticReport/")
+    assert [o["modality"] for o in body["objects"]] == ["SR", "PR"]
+    assert all(o["series_id"] for o in body["objects"])
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    assert late.status_code == 409
+    assert case["status"] == "completed"

@@ -739,6 +739,15 @@ function seriesList() {
   );
 }
 
+/** The frame list the page carries for its first series (one round trip saved). */
+function inlined(seriesId) {
+  const node = document.getElementById("frames-data");
+  if (!node) return null;
+  node.remove(); // used once: a later switch back asks the API (the series may have grown)
+  const data = JSON.parse(node.textContent);
+  return data.series_id === seriesId ? data : null;
+}
+
 async function openSeries(seriesId) {
   prefetchRun++;
   state.generation++;
@@ -746,9 +755,9 @@ async function openSeries(seriesId) {
   state.win = null;
   stage.dataset.prefetched = "false";
   history.replaceState(null, "", `?series=${seriesId}`);
-  let data;
+  let data = inlined(seriesId);
   try {
-    data = await api(`/api/series/${seriesId}/frames`);
+    data ??= await api(`/api/series/${seriesId}/frames`);
   } catch (error) {
     if (error.status !== 401) banner(`This series cannot be shown: ${error.message}`, "error");
     return;

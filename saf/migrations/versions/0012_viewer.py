@@ -65,6 +65,16 @@ def upgrade() -> None:
     )
 
     op.create_table(
+        "frame_header",
+        sa.Column("instance_id", sa.String(length=32), nullable=False),
+        sa.Column("facts", sa.JSON(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["instance_id"], ["instance.id"], name=op.f("fk_frame_header_instance_id_instance")
+        ),
+        sa.PrimaryKeyConstraint("instance_id", name=op.f("pk_frame_header")),
+    )
+
+    op.create_table(
         "consult_message",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("case_id", sa.String(length=32), nullable=False),
@@ -85,6 +95,7 @@ def downgrade() -> None:
     with op.batch_alter_table("consult_message", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_consult_message_case_id"))
     op.drop_table("consult_message")
+    op.drop_table("frame_header")
     op.drop_table("reply")
     with op.batch_alter_table("annotation", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_annotation_instance_id"))

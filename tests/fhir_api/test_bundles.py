@@ -1,0 +1,279 @@
+"""Transaction and batch Bundles at POST /fhir, on both databases, with a real EHR token."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import func, select
+
+from saf.fsck import fsck
+from saf.models import Blob, Case, FhirResource, FhirVersion, OutboxEvent
+from tests.factories import stored_blob_ids
+from tests.fhir_api.test_routes import FHIR, Api, api, patient, service_request
+
+__all__ = ["api"]
+
+PDF = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
+
+
+def send(api: Api, bundle: dict[str, Any], who: dict[str, str] | None = None) -> Any:
+    return api.client.post(
+        "/fhir",
+        content=json.dumps(bundle),
+        headers={**(who or api.ehr), "Content-Type": FHIR},
+    )
+
+
+def transaction(*entries: dict[str, Any], kind: str = "transaction") -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def post(full_url: str | None, resource: dict[str, Any], **request: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
+    if full_url:
+        entry["fullUrl"] = full_url
+    return entry
+
+
+def binary(data: bytes = PDF) -> dict[str, Any]:
+    return {
+        "resourceType": "Binary",
+        "contentType": "application/pdf",
+        "data": base64.b64encode(data).decode(),
+    }
+
+
+def document(patient_ref: str, url: str, data: bytes = PDF, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": patient_ref},
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "application/pdf",
+                    "url": url,
+                    "size": len(data),
+                    "hash": base64.b64encode(hashlib.sha1(data).digest()).decode(),
+                }
+            }
+        ],
+    }
+    body.update(extra)
+    return body
+
+
+def _counts(api: Api) -> tuple[int, int, int, int]:
+    with api.hub.sessions() as session:
+        return (
+            session.scalar(select(func.count()).select_from(FhirResource)) or 0,
+            session.scalar(select(func.count()).select_from(FhirVersion)) or 0,
+            session.scalar(select(func.count()).select_from(Blob)) or 0,
+            session.scalar(select(func.count()).select_from(OutboxEvent)) or 0,
+        )
+
+
+def referral_bundle() -> dict[str, Any]:
+    p, sr, b, d = (f"urn:uuid:{n}" for n in ("p1", "sr1", "b1", "d1"))
+    return transaction(
+        post(d, document(p, b, context={"related": [{"reference": sr}]})),
+        post(sr, service_request("x", subject={"reference": p})),
+        post(b, binary()),
+        post(p, patient()),
+    )
+
+
+def test_transaction_resolves_urn_uuids_everywhere(api: Api) -> None:
+    answer = send(api, referral_bundle())
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["type"] == "transaction-response"
+    statuses = [e["response"]["status"] for e in body["entry"]]
+    assert statuses == ["201 Created"] * 4
+    locations = [e["response"]["location"] for e in body["entry"]]
+    assert [loc.split("/")[0] for loc in locations] == [
+        "DocumentReference",
+        "ServiceRequest",
+        "Binary",
+        "Patient",
+    ]
+    assert all(e["response"]["etag"] == 'W/"1"' for e in body["entry"])
+    doc_id, sr_id, bin_id, pid = (loc.split("/")[1] for loc in locations)
+    sr = api.client.get(f"/fhir/ServiceRequest/{sr_id}", headers=api.ehr).json()
+    assert sr["subject"] == {"reference": f"Patient/{pid}"}
+    doc = api.client.get(f"/fhir/DocumentReference/{doc_id}", headers=api.ehr).json()
+    assert doc["content"][0]["attachment"]["url"] == f"Binary/{bin_id}"
+    assert doc["context"]["related"] == [{"reference": f"ServiceRequest/{sr_id}"}]
+    raw = api.client.get(f"/fhir/Binary/{bin_id}", headers=api.ehr)
+    assert raw.content == PDF and raw.headers["content-type"] == "application/pdf"
+    # the referral made its case after the commit, and the document joined it
+    with api.hub.sessions() as session:
+        case_id = session.scalars(select(Case.id)).one()
+        linked = session.scalars(
+            select(FhirResource.id).where(FhirResource.case_id == case_id)
+        ).all()
+    assert {sr_id, doc_id} <= set(linked)
+
+
+def test_a_failed_transaction_leaves_nothing_blobs_included(api: Api) -> None:
+    before, blobs_before = _counts(api), stored_blob_ids(api.hub)
+    bad = referral_bundle()
+    # the document claims the wrong hash: the last check, after the Binary was sealed
+    bad["entry"][0]["resource"]["content"][0]["attachment"]["hash"] = base64.b64encode(
+        hashlib.sha1(b"other").digest()
+    ).decode()
+    answer = send(api, bad)
+    assert answer.status_code == 422, answer.text
+    outcome = answer.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"][0] == "DocumentReference.content[0].attachment.hash"
+    assert "Bundle.entry[0]" in outcome["issue"][0]["diagnostics"]
+    assert _counts(api) == before
+    assert stored_blob_ids(api.hub) == blobs_before
+    report = fsck(api.hub)
+    assert report.ok and report.unindexed == []
+    with api.hub.sessions() as session:
+        assert session.scalars(select(Case)).all() == []
+
+
+def test_if_none_exist_and_conditional_references(api: Api) -> None:
+    first = api.post(patient(mrn="MRN-9"))
+    assert first.status_code == 201
+    pid = first.json()["id"]
+    system = "urn:oid:1.2.36.146.595.217.0.1"
+    bundle = transaction(
+        post("urn:uuid:p", patient(mrn="MRN-9"), ifNoneExist=f"identifier={system}|MRN-9"),
+        post("urn:uuid:sr", service_request("x", subject={"reference": "urn:uuid:p"})),
+        post(
+            None,
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "subject": {"reference": f"Patient?identifier={system}|MRN-9"},
+                "payload": [{"contentString": "notes follow"}],
+            },
+        ),
+    )
+    answer = send(api, bundle)
+    assert answer.status_code == 200, answer.text
+    entries = answer.json()["entry"]
+    assert entries[0]["response"]["status"] == "200 OK"
+    assert entries[0]["response"]["location"].startswith(f"Patient/{pid}/")
+    assert entries[1]["resource"]["subject"] == {"reference": f"Patient/{pid}"}
+    assert entries[2]["resource"]["subject"] == {"reference": f"Patient/{pid}"}
+    # no match, or two matches: the transaction fails
+    nothing = transaction(
+        post(None, service_request("x", subject={"reference": "Patient?identifier=none"}))
+    )
+    assert send(api, nothing).status_code == 400
+    assert api.post(patient(mrn="MRN-9")).status_code == 201
+    twice = transaction(
+        post(None, service_request("x", subject={"reference": "Patient?identifier=MRN-9"}))
+    )
+    refused = send(api, twice)
+    assert refused.status_code == 412, refused.text
+    assert refused.json()["issue"][0]["expression"] == [
+        "Bundle.entry[0].resource.subject.reference"
+    ]
+
+
+def test_processing_order_and_if_match(api: Api) -> None:
+    pid = api.post(patient(mrn="MRN-5")).json()["id"]
+    gone = api.post(patient(mrn="MRN-6")).json()["id"]
+    changed = dict(patient(mrn="MRN-5"), id=pid, active=False)
+    bundle = transaction(
+        {"request": {"method": "GET", "url": "Patient?identifier=MRN-7"}},
+        {
+            "request": {"method": "PUT", "url": f"Patient/{pid}", "ifMatch": 'W/"1"'},
+            "resource": changed,
+        },
+        post(None, patient(mrn="MRN-7")),
+        {"request": {"method": "DELETE", "url": f"Patient/{gone}"}},
+    )
+    answer = send(api, bundle)
+    assert answer.status_code == 200, answer.text
+    entries = answer.json()["entry"]
+    # GET runs last: it sees the POST of the same Bundle
+    assert entries[0]["resource"]["total"] == 1
+    assert entries[1]["response"]["etag"] == 'W/"2"'
+    assert entries[3]["response"]["status"] == "204 No Content"
+    assert api.client.get(f"/fhir/Patient/{gone}", headers=api.ehr).status_code == 410
+    stale = transaction(
+        {
+            "request": {"method": "PUT", "url": f"Patient/{pid}", "ifMatch": 'W/"1"'},
+            "resource": changed,
+        }
+    )
+    refused = send(api, stale)
+    assert refused.status_code == 412, refused.text
+
+
+def test_batch_answers_each_entry(api: Api) -> None:
+    bundle = transaction(
+        post(None, patient(mrn="B-1")),
+        post(None, service_request("nope")),
+        {"request": {"method": "PATCH", "url": "Patient/x"}},
+        post(None, {"resourceType": "Patient", "bogus": 1}),
+        kind="batch",
+    )
+    answer = send(api, bundle)
+    assert answer.status_code == 200, answer.text
+    entries = answer.json()["entry"]
+    assert answer.json()["type"] == "batch-response"
+    assert entries[0]["response"]["status"] == "201 Created"
+    assert entries[1]["response"]["status"] == "400"
+    outcome = entries[1]["response"]["outcome"]
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"][0] == "ServiceRequest.subject"
+    assert entries[2]["response"]["status"] == "405"
+    assert entries[3]["response"]["status"] == "400"
+    assert entries[3]["response"]["outcome"]["issue"][0]["expression"] == [
+        "Bundle.entry[3].resource.bogus"
+    ]
+    found = api.client.get("/fhir/Patient?identifier=B-1", headers=api.ehr).json()
+    assert found["total"] == 1
+
+
+def test_bad_bundles_are_operation_outcomes(api: Api) -> None:
+    for bad, status in (
+        ({"resourceType": "Bundle", "type": "collection"}, 400),
+        ({"resourceType": "Patient"}, 400),
+        (transaction({"request": {"method": "PATCH", "url": "Patient/x"}}), 405),
+        (transaction({"request": {"method": "POST", "url": "Widget"}, "resource": {}}), 404),
+        (transaction(post(None, service_request("x", subject={"reference": "urn:uuid:z"}))), 400),
+        (transaction(post("urn:uuid:a", patient()), post("urn:uuid:a", patient())), 400),
+    ):
+        answer = send(api, bad)
+        assert answer.status_code == status, (bad, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome"
+    malformed = api.client.post(
+        "/fhir", content=b"{nope", headers={**api.ehr, "Content-Type": FHIR}
+    )
+    assert malformed.status_code == 400
+
+
+def test_transaction_needs_every_entrys_scope(api: Api) -> None:
+    # a clinician may not write DiagnosticReports: the whole transaction is refused
+    pid = api.post(patient()).json()["id"]
+    bundle = transaction(
+        post(None, patient(mrn="S-1")),
+        post(
+            None,
+            {
+                "resourceType": "DiagnosticReport",
+                "status": "final",
+                "code": {"text": "x"},
+                "subject": {"reference": f"Patient/{pid}"},
+            },
+        ),
+    )
+    before = _counts(api)
+    refused = send(api, bundle, api.clinician)
+    assert refused.status_code == 403, refused.text
+    assert _counts(api) == before
