@@ -494,7 +494,11 @@ def profile_reads(server: Server, client_id: str, key: Any, kid: str, ids: list[
             def render(i: int) -> object:
                 return json.dumps(stored.content).encode()  # type: ignore[attr-defined]
 
+            def baseline(i: int) -> None:
+                client.get("/fhir/metadata")
+
             timed("whole request through the app (no network)", whole)
+            timed("baseline: GET /fhir/metadata (no token, no database)", baseline)
             timed("token verify + principal (saf.tokens.verify_access_token)",
                   lambda i: verify_access_token(hub, bearer))  # fmt: skip
             timed("store read + unseal (saf.fhir_store.read)", store)
@@ -503,7 +507,7 @@ def profile_reads(server: Server, client_id: str, key: Any, kid: str, ids: list[
     finally:
         hub.close()
     total = timings["whole request through the app (no network)"]
-    accounted = sum(v for k, v in timings.items() if not k.startswith("whole"))
+    accounted = sum(v for k, v in timings.items() if not k.startswith(("whole", "baseline")))
     table = Table(title=f"read path ({name}, {n} reads per stage, one thread)", box=box.SIMPLE)
     table.add_column("stage")
     table.add_column("ms/read", justify="right")
@@ -511,7 +515,7 @@ def profile_reads(server: Server, client_id: str, key: Any, kid: str, ids: list[
     for label, ms in timings.items():
         table.add_row(label, f"{ms:.2f}", f"{100 * ms / total:.0f}%")
     rest = max(0.0, total - accounted)
-    table.add_row("rest: routing, dependencies, scope check, ASGI, TestClient",
+    table.add_row("rest: routing, dependencies, scope check, ASGI, TestClient (compare baseline)",
                   f"{rest:.2f}", f"{100 * rest / total:.0f}%")  # fmt: skip
     console.print(table)
 

@@ -187,7 +187,8 @@ def run(browser: Any, served: Any, args: argparse.Namespace) -> dict[str, dict[s
         page.goto(f"{served.url}/worklist?")
         page.select_option("#f-status", "")
         page.wait_for_selector("tr.case-row")
-        save_png(page.screenshot(), args.screenshots / "worklist.png")
+        clip = {"x": 0, "y": 0, "width": 1366, "height": 330}
+        save_png(page.screenshot(clip=clip), args.screenshots / "worklist.png")
     context.close()
 
     out: dict[str, dict[str, Any]] = {}

@@ -405,9 +405,9 @@ def _transaction(
             names[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
     results: dict[int, Result] = {}
     ordered = sorted(entries, key=lambda e: (ORDER[e.method], e.index))
-    _seal_documents(hub, entries)
     current: Entry | None = None
     try:
+        _seal_documents(hub, entries)
         with transaction(hub.sessions) as session:
             # ifNoneExist first: a matched POST names the existing resource instead.
             for entry in ordered:
@@ -553,8 +553,8 @@ def _batch(
             if entry.method == "GET":
                 result = _read(hub, principal, entry, base)
             else:
-                _seal_documents(hub, [entry])
                 try:
+                    _seal_documents(hub, [entry])
                     with transaction(hub.sessions) as session:
                         _conditional_references(session, hub, principal, entry)
                         result = _write(session, hub, principal, entry)

@@ -31,7 +31,7 @@ from fhir_api.outcome import (
     operation_outcome,
 )
 from fhir_api.resources import parse, read_body, rules_of
-from fhir_api.search import SearchError, parse_search
+from fhir_api.search import COUNT_MAX, SearchError, parse_search
 from saf import audit, fhir_store
 from saf.deps import CurrentPrincipal, HubDep, require_scope
 from saf.fhir_store import STORED_TYPES, Stored
@@ -202,7 +202,47 @@ def search(
     found, total = fhir_store.search(hub, principal, resource_type, parsed.search)
     base = _base(request, hub)
     _audit(hub, "search", principal, resource_type, None, detail=f"{len(found)} of {total} matches")
-    return fhir_json(_searchset(base, resource_type, parsed, found, total))
+    bundle = _searchset(base, resource_type, parsed, found, total)
+    included = _included(hub, principal, parsed, found)
+    if included:
+        _audit(hub, "search", principal, "Patient", None, detail=f"{len(included)} included")
+        bundle["entry"][len(found) : len(found)] = [
+            {
+                "fullUrl": f"{base}/{s.resource_type}/{s.id}",
+                "resource": s.content,
+                "search": {"mode": "include"},
+            }
+            for s in included
+        ]
+    return fhir_json(bundle)
+
+
+def _included(hub: Hub, principal: Principal, parsed: Any, found: list[Stored]) -> list[Stored]:
+    """The resources ``_include``/``_revinclude`` add to a page (each once, tenancy applied)."""
+    extra: list[Stored] = []
+    seen = {(s.resource_type, s.id) for s in found}
+    if parsed.includes:
+        ids = sorted(
+            {
+                ref.removeprefix("Patient/")
+                for s in found
+                if s.content and (ref := fhir_store.subject_of(s.content))
+            }
+        )
+        if ids:
+            query = fhir_store.Search(ids=[ids], count=len(ids))
+            extra += fhir_store.search(hub, principal, "Patient", query)[0]
+    for source in parsed.revincludes:
+        refs = [f"Patient/{s.id}" for s in found]
+        if refs:
+            query = fhir_store.Search(subjects=[refs], count=COUNT_MAX)
+            extra += fhir_store.search(hub, principal, source, query)[0]
+    unique = []
+    for s in extra:
+        if (s.resource_type, s.id) not in seen:
+            seen.add((s.resource_type, s.id))
+            unique.append(s)
+    return unique
 
 
 def _searchset(

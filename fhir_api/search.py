@@ -6,10 +6,11 @@ seconds), ``identifier`` (token: ``system|value``, ``value``, ``|value``, ``syst
 ``status``, ``type``/``category``/``code`` (token), ``based-on`` (reference
 ``ServiceRequest/<id>``), ``date`` (prefixes as ``_lastUpdated``; the element each type
 reads is saf.fhir_store.DATE_ELEMENTS; DocumentReference.date is ITI-67's), ``_count``
-(default 20, at most `COUNT_MAX`),
-``_sort=_lastUpdated`` or ``-_lastUpdated``, and ``_offset`` (the paging links use it).
-Each parameter given twice is AND-ed; comma-separated values are OR-ed. Anything else is
-unknown: ignored and reported (or refused under ``Prefer: handling=strict``).
+(default 20, at most `COUNT_MAX`), ``_sort=_lastUpdated`` or ``-_lastUpdated``, and
+``_offset`` (the paging links use it); ``_include=<Type>:patient`` and
+``Patient?_revinclude=<Type>:patient`` (see `INCLUDE_PARAMS`). Each parameter given twice
+is AND-ed; comma-separated values are OR-ed. Anything else is unknown: ignored and
+reported (or refused under ``Prefer: handling=strict``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,14 @@ PARAMS: Final[dict[str, tuple[str, ...]]] = {
 }
 """Search parameters per type (the CapabilityStatement lists these)."""
 
-RESULT_PARAMS: Final = frozenset({"_count", "_sort", "_offset", "_format"})
+RESULT_PARAMS: Final = frozenset(
+    {"_count", "_sort", "_offset", "_format", "_include", "_revinclude"}
+)
+
+INCLUDE_PARAMS: Final = ("patient", "subject")
+"""``_include=<Type>:patient|subject`` adds the Patients the matches are about;
+``_revinclude=<Type>:patient|subject`` on a Patient search adds the resources of <Type>
+about the matched Patients (DocumentReference -> Patient, and back)."""
 
 _DATE = re.compile(
     r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})"
@@ -101,6 +109,10 @@ class Parsed:
     search: Search
     unknown: list[str] = field(default_factory=list)
     used: list[tuple[str, str]] = field(default_factory=list)
+    includes: list[str] = field(default_factory=list)
+    """Types whose Patients to add (``_include=<Type>:patient``): the searched type."""
+    revincludes: list[str] = field(default_factory=list)
+    """Types to add that are about the matched Patients (``_revinclude=<Type>:patient``)."""
 
 
 def _range(param: str, text: str) -> tuple[datetime, datetime]:
@@ -181,6 +193,17 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> Parsed:
                 search.count = _int(name, value, 0, COUNT_MAX)
             elif name == "_offset":
                 search.offset = _int(name, value, 0, 1 << 31)
+            elif name in ("_include", "_revinclude"):
+                source, _, param = value.partition(":")
+                ok = param in INCLUDE_PARAMS and "patient" in PARAMS.get(source, ())
+                if name == "_include" and not (ok and source == resource_type):
+                    raise SearchError(
+                        name, f"only {resource_type}:patient or :subject is supported"
+                    )
+                if name == "_revinclude" and not (ok and resource_type == "Patient"):
+                    raise SearchError(name, "only Patient?_revinclude=<Type>:patient is supported")
+                (parsed.includes if name == "_include" else parsed.revincludes).append(source)
+                parsed.used.append((name, value))
             elif name == "_sort":
                 if value not in ("_lastUpdated", "-_lastUpdated"):
                     raise SearchError(name, "only _lastUpdated and -_lastUpdated are supported")

@@ -258,6 +258,7 @@ def _ellipse(loaded: frames.Loaded, draft: Draft, spacing: frames.Spacing | None
         out["area_mm2"] = round(area_px * spacing.row_mm * spacing.col_mm, 3)
         out["spacing_source"] = spacing.source
     if not loaded.is_grey:
+        out.update(pixels=None, mean=None, sd=None, min=None, max=None, unit=None)
         out["note_values"] = "colour image: no modality values"
         return out
     # Pixel centres (c + 0.5, r + 0.5) inside the ellipse, over its bounding rows/columns.

@@ -14,6 +14,36 @@ stay sealed.
 
 A ServiceRequest that is an active order is a referral: it makes or joins a case through
 saf.cases.on_referral (see `referral_of` for the mapping).
+
+Writes come in two layers: `create_in`, `update_in`, `delete_in` and `search_in` work in
+the caller's Session (a transaction Bundle puts all its entries in one database
+transaction); `create`, `update`, `delete` and `search` are the one-resource wrappers.
+Case effects run after the commit, in `settle`, idempotently (a referral's on_referral
+finds the same case again; a case already at the target status is left alone), because
+saf.cases commits its own transactions: a crash between commit and settle leaves the
+resource stored and the effect undone until the same write is retried. What a reply asks
+of its case is checked before anything is stored (a question on a completed case: 409).
+
+The reply (the choices written down):
+
+- DiagnosticReport ``final``/``amended``/``corrected`` whose ``basedOn`` names a
+  ServiceRequest of a case, or whose ``imagingStudy`` names ``ImagingStudy/<Study.id>``
+  of a case, completes the case; ``preliminary`` moves it to in-progress (never back from
+  completed). The case goes through the legal states on the way (requested -> accepted,
+  claimed by the writing specialist -> in-progress -> completed).
+- Communication (status in-progress or completed, i.e. sent) from anyone but the owning
+  clinic, ``basedOn`` the ServiceRequest or ``about`` ``Task/<case id>``, puts the case
+  on-hold (a question to the clinic); one from the owning clinic with ``inResponseTo``
+  (the answer) moves an on-hold case back to in-progress.
+- A specialist may write DiagnosticReport, Communication and DocumentReference about a
+  case they see (it then belongs to the case's clinic, whose principals read it); anything
+  else they write is refused (403).
+
+Documents: a Binary's bytes are a sealed blob (saf.documents), indexed by `FhirBinary`;
+a DocumentReference's (and a DiagnosticReport's presentedForm) attachment ``url``
+``Binary/<id>`` must name a Binary the writer sees, and its ``size`` and ``hash`` must be
+the bytes' (422 otherwise). Creating a Binary or DocumentReference writes a
+`DOCUMENT_TOPIC` outbox row in the same transaction.
 """
 
 from __future__ import annotations
@@ -264,6 +294,11 @@ def _reference_of(element: Any) -> str | None:
         if isinstance(ref, str):
             return ref
     return None
+
+
+def subject_of(content: dict[str, Any]) -> str | None:
+    """The ``Patient/<id>`` a resource is about (its subject or patient), if any."""
+    return _subject(content)
 
 
 def _subject(content: dict[str, Any]) -> str | None:
@@ -685,6 +720,8 @@ def _write(
     content: dict[str, Any] | None,
     method: str,
     now: datetime,
+    *,
+    fresh: bool = False,
 ) -> None:
     session.add(
         FhirVersion(
@@ -695,7 +732,8 @@ def _write(
             content_sealed=_seal(hub, content, head.version_id) if content else None,
         )
     )
-    session.execute(sql_delete(FhirToken).where(FhirToken.resource_id == head.id))
+    if not fresh:  # a new resource has no tokens yet
+        session.execute(sql_delete(FhirToken).where(FhirToken.resource_id == head.id))
     if content is not None:
         for param, system, value in _tokens(content):
             session.add(FhirToken(resource_id=head.id, param=param, system=system, value=value))
@@ -803,8 +841,9 @@ def create_in(
         patient_pk=_patient_link(session, clinic_id, content),
     )
     session.add(head)
-    session.flush()
-    _write(session, hub, head, content, "POST", now)
+    # One flush at the end (the unit of work orders the inserts by foreign key): a
+    # transaction Bundle's entries then share round trips.
+    _write(session, hub, head, content, "POST", now, fresh=True)
     _after_link(session, head, case_id)
     if document is not None:
         session.add_all(documents.index_rows(document, resource_id, content["contentType"]))
@@ -1091,7 +1130,8 @@ def _check_attachments(session: Session, principal: Principal, content: dict[str
                 raise StoreError("data is not base64", f"{path}.data") from None
             size, sha1 = len(data), hashlib.sha1(data, usedforsecurity=False).hexdigest()
         elif isinstance(attachment.get("url"), str):
-            binary_id = _ref_id(attachment["url"], "Binary")
+            url = attachment["url"]
+            binary_id = _ref_id(url, "Binary") if url.startswith("Binary/") else None
             if binary_id is None:
                 continue  # an external URL: nothing here to check it against
             row = session.execute(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from saf import fhir_store
+from saf import fhir_store, subscriptions
 from saf.crypto import BlobHeader, reseal_value, rewrap, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
@@ -47,7 +47,11 @@ def rotate(hub: Hub) -> RotationReport:
         blobs += len(batch)
         if len(batch) < BATCH:
             break
-    fields = _reseal_patients(hub, new_key_id) + fhir_store.reseal(hub, new_key_id)
+    fields = (
+        _reseal_patients(hub, new_key_id)
+        + fhir_store.reseal(hub, new_key_id)
+        + subscriptions.reseal(hub, new_key_id)
+    )
     return RotationReport(new_key_id, blobs, fields)
 
 

@@ -45,13 +45,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -60,7 +61,7 @@ from sqlalchemy.orm import Session
 
 from saf import audit, tenancy
 from saf.cases import TaskStatus
-from saf.crypto import open_value, seal_value
+from saf.crypto import open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal
@@ -78,6 +79,8 @@ STATUS_PROFILE: Final = f"{BACKPORT}/backport-subscription-status-r4"
 SUBSCRIPTION_PROFILE: Final = f"{BACKPORT}/backport-subscription"
 
 CONTENTS: Final = ("empty", "id-only", "full-resource")
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP header field name (RFC 9110 token)."""
 PAYLOAD_TYPES: Final = ("application/fhir+json", "application/json")
 LIVE: Final = ("active", "error")
 """Statuses under which events are recorded and delivered."""
@@ -158,7 +161,7 @@ def parse_spec(hub: Hub, content: dict[str, Any]) -> Spec:
     headers: list[tuple[str, str]] = []
     for i, line in enumerate(channel.get("header") or []):
         name, sep, value = str(line).partition(":")
-        if not sep or not name.strip() or any(c in str(line) for c in "\r\n"):
+        if not sep or not _HEADER_NAME.match(name.strip()) or any(c in str(line) for c in "\r\n"):
             raise SubscriptionError(
                 400, "a channel.header must read 'Name: value'", f"Subscription.channel.header[{i}]"
             )
@@ -169,6 +172,8 @@ def parse_spec(hub: Hub, content: dict[str, Any]) -> Spec:
             end_at = datetime.fromisoformat(str(content["end"]).replace("Z", "+00:00"))
         except ValueError:
             raise SubscriptionError(400, "end must be an instant", "Subscription.end") from None
+        if end_at.tzinfo is None:
+            end_at = end_at.replace(tzinfo=UTC)  # a date (or a time without zone): UTC
     status = content.get("status")
     if status not in ("requested", "active", "off", None):
         raise SubscriptionError(
@@ -176,7 +181,8 @@ def parse_spec(hub: Hub, content: dict[str, Any]) -> Spec:
             f"status {status!r} is set by the server; send requested (or off to pause)",
             "Subscription.status",
         )
-    return Spec(tuple(statuses), endpoint, kind, tuple(headers), end_at, status == "off")
+    unique = tuple(dict.fromkeys(statuses))
+    return Spec(unique, endpoint, kind, tuple(headers), end_at, status == "off")
 
 
 def _filter_statuses(text: str, where: str) -> list[str]:
@@ -207,6 +213,10 @@ def _check_endpoint(hub: Hub, endpoint: str) -> str:
             f"channel.endpoint must be an absolute {' or '.join(schemes)} URL"
             + ("" if allow_http else " (http needs SAF_SUBSCRIPTION_ALLOW_HTTP)"),
             "Subscription.channel.endpoint",
+        )
+    if len(endpoint) > 1024:
+        raise SubscriptionError(
+            400, "channel.endpoint is longer than 1024 characters", "Subscription.channel.endpoint"
         )
     if parts.username or parts.password:
         raise SubscriptionError(
@@ -306,6 +316,20 @@ def _get(
     if row.deleted_at is not None:
         raise SubscriptionError(410, f"Subscription/{subscription_id} was deleted")
     return row
+
+
+def reseal(hub: Hub, new_key_id: str) -> int:
+    """Reseal every subscription's content under the active key (saf.keys.rotate); how many."""
+    keyring = hub.keyring
+    resealed = 0
+    with transaction(hub.sessions) as session:
+        for row in session.scalars(select(Subscription)):
+            if row.content_sealed and value_key_id(row.content_sealed) != new_key_id:
+                row.content_sealed = reseal_value(
+                    keyring, row.content_sealed, context=_context(row.id)
+                )
+                resealed += 1
+    return resealed
 
 
 def owner_of(hub: Hub, principal: Principal, subscription_id: str) -> Subscription | None:

@@ -600,3 +600,40 @@ def test_frames_of_compressed_and_multiframe_objects(site: Site, tmp_path: Path)
     stored_frames = list(generate_frames(dcmread(rle).PixelData, number_of_frames=2))
     assert [body for _, body in parts(as_stored)] == [stored_frames[1], stored_frames[0]]
     assert all("1.2.840.10008.1.2.5" in t for t, _ in parts(as_stored))
+
+
+@pytest.mark.parametrize("in_memory_max", [0, 1 << 40])
+def test_retrieve_streams_large_objects_and_reads_small_ones_ahead(
+    site: Site, monkeypatch: pytest.MonkeyPatch, in_memory_max: int
+) -> None:
+    """Streamed chunk by chunk (every object over PART_IN_MEMORY_MAX) or read ahead whole
+    (none over it): the same stored bytes either way."""
+    from dicom_node.dicomweb import wado
+
+    monkeypatch.setattr(wado, "PART_IN_MEMORY_MAX", in_memory_max)
+    study = uids(site.ct[0])[0]
+
+    whole = site.client.get(f"/dicomweb/studies/{study}", headers=site.a)
+
+    assert whole.status_code == 200
+    assert sorted(b for _, b in parts(whole)) == sorted(p.read_bytes() for p in site.ct)
+
+
+def test_metadata_of_objects_parsed_through_the_chunk_reader(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects over WHOLE_READ_MAX are parsed from the decrypting stream: same JSON."""
+    from dicom_node.dicomweb import wado
+
+    study = uids(site.mr[0])[0]
+    wado.metadata_cache.clear()
+    whole = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
+    monkeypatch.setattr(wado, "WHOLE_READ_MAX", 0)
+    wado.metadata_cache.clear()
+    streamed = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
+
+    assert streamed == whole and len(whole) == 2
+    for path in site.mr:
+        expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
+        [item] = [i for i in whole if value(i, "00080018") == uids(path)[2]]
+        assert {t: e for t, e in item.items() if t != "00083002"} == expected

@@ -124,6 +124,12 @@ def clinic_sees_reply(browser: Any, served: Served, **context: Any) -> None:
     assert not page.locator("#tools").is_visible()
     assert page.locator("#reply-form").count() == 0
     page.wait_for_selector("#ann-list li.ann")  # the specialist's annotations are shown
+    # the clinic's worklist lists the case as completed (it shows closed cases too)
+    page.goto(served.url + "/worklist")
+    row = page.locator(f'tr.case-row[data-case="{served.demo.case_id}"]')
+    row.wait_for()
+    assert "completed" in row.inner_text()
+    assert row.locator("button.claim").count() == 0
     clinic.close()
 
 
@@ -151,6 +157,8 @@ def test_specialist_reads_annotates_and_replies_clinic_sees_it(
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # a CSP violation or a failed request shows as a console error
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     open_case_as_specialist(page, served)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 

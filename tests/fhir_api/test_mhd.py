@@ -298,3 +298,28 @@ def test_iti65_refuses_what_the_profile_requires(api: Api) -> None:
     assert refused.status_code == 400
     assert refused.json()["issue"][0]["expression"] == ["Bundle.entry[1].resource.masterIdentifier"]
     assert len(stored_blob_ids(api.hub) - before) == 1  # only the Minimal bundle's Binary
+
+
+def test_include_and_revinclude_document_patient(api: Api) -> None:
+    pid = api.post(patient()).json()["id"]
+    assert send(api, provide_bundle(pid)).status_code == 200
+    found = api.client.get(
+        f"/fhir/DocumentReference?patient={pid}&_include=DocumentReference:patient",
+        headers=api.ehr,
+    ).json()
+    modes = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in found["entry"]]
+    assert modes == [("DocumentReference", "match"), ("Patient", "include")]
+    assert found["total"] == 1
+    back = api.client.get(
+        f"/fhir/Patient?_id={pid}&_revinclude=DocumentReference:patient", headers=api.ehr
+    ).json()
+    modes = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in back["entry"]]
+    assert modes == [("Patient", "match"), ("DocumentReference", "include")]
+    # another clinic includes nothing of clinic B
+    other = api.client.get(
+        f"/fhir/Patient?_id={pid}&_revinclude=DocumentReference:patient",
+        headers=api.other_clinic,
+    ).json()
+    assert other["total"] == 0 and other.get("entry", []) == []
+    bad = api.client.get("/fhir/Patient?_include=Task:owner", headers=api.ehr)
+    assert bad.status_code == 400

@@ -4,13 +4,19 @@ case (its Task) on both databases, with real user and client tokens."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from saf.app import create_app
+from saf.hub import Hub
 from saf.models import Case, CaseEvent, FhirResource
 from tests.factories import login_as
 from tests.fhir_api.test_routes import FHIR, Api, api, patient, service_request
+from tests.saf.tenants import login, make_people, make_world
 
 __all__ = ["api"]  # the fixture, shared with test_routes
 
@@ -191,3 +197,37 @@ def test_invalid_report_status_is_refused(api: Api) -> None:
     bad = _post(api, report(pid, sr_id, "done"), specialist)
     assert bad.status_code == 400
     assert bad.json()["issue"][0]["expression"] == ["DiagnosticReport.status"]
+
+
+@pytest.mark.slow
+def test_report_on_the_imaging_study_completes_a_study_only_case(hub: Hub, tmp_path: Path) -> None:
+    """A study that arrived without a referral still makes a case; a report naming its
+    ImagingStudy (id = saf's Study.id) completes it; a dermatologist cannot."""
+    world = make_world(hub, tmp_path)
+    people = make_people(hub, world)
+    study_id = next(k for k, v in world.b.case_of_study.items() if v == world.ct_case_b)
+    with TestClient(create_app(hub)) as client:
+        thoracic = login(client, people.thoracic)
+        derm = login(client, people.derm)
+        body = {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"text": "CT chest"},
+            "imagingStudy": [{"reference": f"ImagingStudy/{study_id}"}],
+            "conclusion": "Clear lungs.",
+        }
+        headers = {"Content-Type": FHIR}
+        refused = client.post(
+            "/fhir/DiagnosticReport", content=json.dumps(body), headers={**derm, **headers}
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["issue"][0]["expression"] == ["DiagnosticReport.imagingStudy[0]"]
+        written = client.post(
+            "/fhir/DiagnosticReport", content=json.dumps(body), headers={**thoracic, **headers}
+        )
+        assert written.status_code == 201, written.text
+        clinic = login(client, people.clinician_b)
+        task = client.get(f"/fhir/Task/{world.ct_case_b}", headers=clinic).json()
+        assert task["status"] == "completed"
+        report = client.get(f"/fhir/DiagnosticReport/{written.json()['id']}", headers=clinic)
+        assert report.status_code == 200

@@ -12,7 +12,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from saf import annotations, frames
+from saf import annotations as anno
+from saf import frames
 from saf.annotations import Draft, Frozen, Invalid, NotAllowed, NotFound
 from saf.cases import TaskStatus
 from saf.db import transaction
@@ -45,9 +46,9 @@ def _draft(kind: str, points: list[list[float]], text: str | None = None) -> Dra
 def test_line_length_uses_row_and_column_spacing(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path)
 
-    across = annotations.measure(loaded, _draft("line", [[10, 5], [20, 5]]))
-    down = annotations.measure(loaded, _draft("line", [[10, 5], [10, 15]]))
-    diagonal = annotations.measure(loaded, _draft("line", [[0, 0], [6, 8]]))
+    across = anno.measure(loaded, _draft("line", [[10, 5], [20, 5]]))
+    down = anno.measure(loaded, _draft("line", [[10, 5], [10, 15]]))
+    diagonal = anno.measure(loaded, _draft("line", [[0, 0], [6, 8]]))
 
     assert across["length_mm"] == pytest.approx(10 * COL_MM)  # 8 mm
     assert down["length_mm"] == pytest.approx(10 * ROW_MM)  # 5 mm
@@ -59,8 +60,8 @@ def test_line_length_uses_row_and_column_spacing(tmp_path: Path) -> None:
 def test_without_spacing_lengths_are_in_pixels_and_say_so(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path, spacing=False)
 
-    line = annotations.measure(loaded, _draft("line", [[0, 0], [6, 8]]))
-    ellipse = annotations.measure(loaded, _draft("ellipse", [[10, 10], [30, 20]]))
+    line = anno.measure(loaded, _draft("line", [[0, 0], [6, 8]]))
+    ellipse = anno.measure(loaded, _draft("ellipse", [[10, 10], [30, 20]]))
 
     assert line == {"length_px": 10.0, "note": "pixel spacing unknown"}
     assert "area_mm2" not in ellipse and ellipse["note"] == "pixel spacing unknown"
@@ -70,9 +71,9 @@ def test_without_spacing_lengths_are_in_pixels_and_say_so(tmp_path: Path) -> Non
 def test_angle_is_measured_in_mm_space(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path)
 
-    right = annotations.measure(loaded, _draft("angle", [[30, 20], [20, 20], [20, 30]]))
+    right = anno.measure(loaded, _draft("angle", [[30, 20], [20, 20], [20, 30]]))
     # 45 degrees in pixels, but a pixel is 0.8 mm wide and 0.5 mm tall.
-    skewed = annotations.measure(loaded, _draft("angle", [[30, 20], [20, 20], [30, 30]]))
+    skewed = anno.measure(loaded, _draft("angle", [[30, 20], [20, 20], [30, 30]]))
 
     assert right["angle_deg"] == pytest.approx(90.0)
     assert skewed["angle_deg"] == pytest.approx(
@@ -83,7 +84,7 @@ def test_angle_is_measured_in_mm_space(tmp_path: Path) -> None:
 def test_ellipse_area_and_statistics_in_hu(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path, index=1)  # HU = 10 * column - 100
 
-    m = annotations.measure(loaded, _draft("ellipse", [[10, 10], [30, 20]]))
+    m = anno.measure(loaded, _draft("ellipse", [[10, 10], [30, 20]]))
 
     # Independent reference: every pixel centre tested against the ellipse.
     rows, cols = np.mgrid[0:ROWS, 0:COLUMNS]
@@ -114,7 +115,7 @@ def test_ellipse_area_and_statistics_in_hu(tmp_path: Path) -> None:
 )
 def test_bad_bodies_name_the_field(body: object, field: str) -> None:
     with pytest.raises(Invalid) as caught:
-        annotations.draft_from_json(body)
+        anno.draft_from_json(body)
     assert caught.value.field == field
     assert caught.value.status == 422
 
@@ -123,17 +124,17 @@ def test_points_off_the_image_and_missing_frames_are_refused(tmp_path: Path) -> 
     loaded = _loaded(tmp_path)
 
     with pytest.raises(Invalid) as off:
-        annotations.measure(loaded, _draft("line", [[0, 0], [COLUMNS + 1, 3]]))
+        anno.measure(loaded, _draft("line", [[0, 0], [COLUMNS + 1, 3]]))
     with pytest.raises(Invalid) as frame:
-        annotations.measure(loaded, Draft("test-instance", 2, "text", [[1, 1]], "x"))
+        anno.measure(loaded, Draft("test-instance", 2, "text", [[1, 1]], "x"))
     with pytest.raises(Invalid) as flat:
-        annotations.measure(loaded, _draft("ellipse", [[5, 5], [5, 9]]))
+        anno.measure(loaded, _draft("ellipse", [[5, 5], [5, 9]]))
 
     assert off.value.field == "points[1]"
     assert frame.value.field == "frame"
     assert flat.value.field == "points"
     # The far edge is on the image (a point on the last pixel's outer corner).
-    assert annotations.measure(loaded, _draft("line", [[0, 0], [COLUMNS, ROWS]]))["length_px"]
+    assert anno.measure(loaded, _draft("line", [[0, 0], [COLUMNS, ROWS]]))["length_px"]
 
 
 # --------------------------------------------------------------------------- writing
@@ -149,12 +150,12 @@ def test_the_claiming_specialist_draws_edits_and_deletes(hub: Hub, tmp_path: Pat
     case = _case(hub, consult.case_id)
     draft = Draft(consult.instance_ids[1], 1, "line", [[10, 5], [20, 5]], "lesion")
 
-    row = annotations.create(hub, SPECIALIST, case, draft)
+    row = anno.create(hub, SPECIALIST, case, draft)
     assert row.measurement["length_mm"] == pytest.approx(8.0)
-    assert annotations.text_of(hub, row) == "lesion"
+    assert anno.text_of(hub, row) == "lesion"
     assert _case(hub, case.id).status == TaskStatus.IN_PROGRESS  # work started
 
-    moved = annotations.update(
+    moved = anno.update(
         hub,
         SPECIALIST,
         _case(hub, case.id),
@@ -162,21 +163,21 @@ def test_the_claiming_specialist_draws_edits_and_deletes(hub: Hub, tmp_path: Pat
         Draft(consult.instance_ids[1], 1, "line", [[10, 5], [10, 15]], None),
     )
     assert moved.id == row.id and moved.measurement["length_mm"] == pytest.approx(5.0)
-    listed = annotations.of_case(hub, case.id)
+    listed = anno.of_case(hub, case.id)
     assert [a.id for a in listed] == [row.id]
-    assert annotations.to_json(hub, listed[0])["text"] is None
+    assert anno.to_json(hub, listed[0])["text"] is None
 
-    annotations.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
-    assert annotations.of_case(hub, case.id) == []
+    anno.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
+    assert anno.of_case(hub, case.id) == []
     with pytest.raises(NotFound):
-        annotations.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
+        anno.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
 
 
 def test_the_label_is_sealed_at_rest(hub: Hub, tmp_path: Path) -> None:
     consult = make_consult(hub, tmp_path)
     draft = Draft(consult.instance_ids[0], 1, "text", [[3, 3]], "QUIXOTE nodule")
 
-    row = annotations.create(hub, SPECIALIST, _case(hub, consult.case_id), draft)
+    row = anno.create(hub, SPECIALIST, _case(hub, consult.case_id), draft)
 
     with hub.sessions() as session:
         stored = session.get_one(Annotation, row.id)
@@ -200,8 +201,8 @@ def test_only_the_specialist_who_claimed_it_may_draw(hub: Hub, tmp_path: Path) -
 
     for who in (colleague, clinician):
         with pytest.raises(NotAllowed):
-            annotations.create(hub, who, case, draft)
-    assert annotations.of_case(hub, case.id) == []
+            anno.create(hub, who, case, draft)
+    assert anno.of_case(hub, case.id) == []
 
 
 def test_an_image_of_another_case_is_refused(hub: Hub, tmp_path: Path) -> None:
@@ -209,7 +210,7 @@ def test_an_image_of_another_case_is_refused(hub: Hub, tmp_path: Path) -> None:
     other = make_consult(hub, tmp_path, patient_id="VIEW-2", claim_as=None)
 
     with pytest.raises(Invalid) as caught:
-        annotations.create(
+        anno.create(
             hub,
             SPECIALIST,
             _case(hub, first.case_id),
@@ -222,16 +223,16 @@ def test_annotations_freeze_once_signing_starts(hub: Hub, tmp_path: Path) -> Non
     consult = make_consult(hub, tmp_path)
     case = _case(hub, consult.case_id)
     draft = Draft(consult.instance_ids[0], 1, "arrow", [[1, 1], [9, 9]], None)
-    row = annotations.create(hub, SPECIALIST, case, draft)
+    row = anno.create(hub, SPECIALIST, case, draft)
     with transaction(hub.sessions) as session:
         session.add(Reply(case_id=case.id, status="signing"))
 
     with pytest.raises(Frozen):
-        annotations.create(hub, SPECIALIST, _case(hub, case.id), draft)
+        anno.create(hub, SPECIALIST, _case(hub, case.id), draft)
     with pytest.raises(Frozen):
-        annotations.update(hub, SPECIALIST, _case(hub, case.id), row.id, draft)
+        anno.update(hub, SPECIALIST, _case(hub, case.id), row.id, draft)
     with pytest.raises(Frozen):
-        annotations.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
+        anno.delete(hub, SPECIALIST, _case(hub, case.id), row.id)
     with hub.sessions() as session:
         assert session.scalars(select(Annotation.id)).all() == [row.id]
 
@@ -243,7 +244,7 @@ def test_imager_pixel_spacing_is_used_and_named_when_pixel_spacing_is_absent(
     loaded.ds.ImagerPixelSpacing = [0.2, 0.2]
     loaded = frames.Loaded("test-instance", loaded.ds, 0)
 
-    line = annotations.measure(loaded, _draft("line", [[0, 0], [10, 0]]))
+    line = anno.measure(loaded, _draft("line", [[0, 0], [10, 0]]))
 
     assert line["length_mm"] == pytest.approx(2.0)
     assert line["spacing_source"] == "ImagerPixelSpacing"

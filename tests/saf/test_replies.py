@@ -12,7 +12,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from saf import annotations, fhir_store, replies, vault
+from saf import annotations as anno
+from saf import fhir_store, replies, vault
 from saf.annotations import Draft, Frozen, Invalid, NotAllowed
 from saf.cases import TaskStatus
 from saf.hub import Hub
@@ -52,16 +53,15 @@ def _clinician(consult: Consult) -> Principal:
 
 def _annotate(hub: Hub, consult: Consult) -> None:
     case = _case(hub, consult.case_id)
-    for kind, points, text in (
+    marks: tuple[tuple[str, list[list[float]], str | None], ...] = (
         ("line", [[10, 5], [20, 5]], "nodule"),
         ("ellipse", [[10, 10], [30, 20]], None),
         ("angle", [[30, 20], [20, 20], [20, 30]], None),
         ("arrow", [[40, 30], [30, 20]], "here"),
         ("text", [[5, 35]], "calcified"),
-    ):
-        annotations.create(
-            hub, SPECIALIST, case, Draft(consult.instance_ids[0], 1, kind, points, text)
-        )
+    )
+    for kind, points, text in marks:
+        anno.create(hub, SPECIALIST, case, Draft(consult.instance_ids[0], 1, kind, points, text))
 
 
 def _counts(hub: Hub) -> dict[str, int]:
@@ -104,12 +104,14 @@ def test_signing_makes_sr_gsps_pdf_and_report(hub: Hub, tmp_path: Path) -> None:
     pr_ds = dcmread(io.BytesIO(b"".join(vault.read(hub, blobs["PR"]))))
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
-    groups = report.content.get_planar_roi_measurement_groups()
+    tree = report.content
+    assert isinstance(tree, hd.sr.MeasurementReport)
+    groups = tree.get_planar_roi_measurement_groups()
     values = {m.name.meaning: (m.value, m.unit.value) for g in groups for m in g.get_measurements()}
     assert len(groups) == 3  # line, ellipse, angle; arrows and text go to the GSPS
-    assert values["Length"] == (pytest.approx(8.0), "mm")
-    assert values["Angle"] == (pytest.approx(90.0), "deg")
-    assert values["Mean"] == (pytest.approx(195.0), "[hnsf'U]")
+    assert values["Length"][0] == pytest.approx(8.0) and values["Length"][1] == "mm"
+    assert values["Angle"][0] == pytest.approx(90.0) and values["Angle"][1] == "deg"
+    assert values["Mean"][0] == pytest.approx(195.0) and values["Mean"][1] == "[hnsf'U]"
     assert values["Area"][1] == "mm2"
     with hub.sessions() as session:
         study_uid = session.get_one(Series, consult.series_id).study.study_instance_uid
@@ -187,9 +189,7 @@ def test_a_signing_interrupted_after_any_step_completes_once(hub: Hub, tmp_path:
     replies._make_objects(hub, case, row, marks, seed)
     replies._store_pdf(hub, case, row, marks)
     with pytest.raises(Frozen):  # frozen from step 1 on
-        annotations.create(
-            hub, SPECIALIST, case, Draft(consult.instance_ids[0], 1, "text", [[1, 1]], "x")
-        )
+        anno.create(hub, SPECIALIST, case, Draft(consult.instance_ids[0], 1, "text", [[1, 1]], "x"))
     halfway = _counts(hub)
 
     replies.sign(hub, SPECIALIST, _case(hub, consult.case_id), RULES)
@@ -218,15 +218,15 @@ def test_after_signing_everything_is_frozen(hub: Hub, tmp_path: Path) -> None:
     replies.save_draft(hub, SPECIALIST, _case(hub, consult.case_id), DRAFT)
     replies.sign(hub, SPECIALIST, _case(hub, consult.case_id), RULES)
     case = _case(hub, consult.case_id)
-    [first, *_] = annotations.of_case(hub, case.id)
+    [first, *_] = anno.of_case(hub, case.id)
     draft = Draft(consult.instance_ids[0], 1, "text", [[1, 1]], "late")
 
     with pytest.raises(Frozen):
-        annotations.create(hub, SPECIALIST, case, draft)
+        anno.create(hub, SPECIALIST, case, draft)
     with pytest.raises(Frozen):
-        annotations.update(hub, SPECIALIST, case, first.id, draft)
+        anno.update(hub, SPECIALIST, case, first.id, draft)
     with pytest.raises(Frozen):
-        annotations.delete(hub, SPECIALIST, case, first.id)
+        anno.delete(hub, SPECIALIST, case, first.id)
     with pytest.raises(Frozen):
         replies.save_draft(hub, SPECIALIST, case, DRAFT)
 

@@ -265,6 +265,16 @@ def test_off_and_deleted_subscriptions_hear_nothing(hub: Hub, receiver: Receiver
             },
             "Subscription.channel.payload",
         ),
+        (
+            {"channel": {"type": "rest-hook", "endpoint": "https://x/y", "header": ["A b: c"]}},
+            "Subscription.channel.header[0]",
+        ),
+        (
+            {"channel": {"type": "rest-hook", "endpoint": "https://x/" + "y" * 1100}},
+            "Subscription.channel.endpoint",
+        ),
+        ({"end": "tomorrow"}, "Subscription.end"),
+        ({"end": "2026-12-31"}, None),  # a date: that day, UTC
         ({"status": "active"}, None),  # allowed: treated as requested
         ({"status": "error"}, "Subscription.status"),
     ],
@@ -330,3 +340,22 @@ def _due_now(hub: Hub) -> None:
 def _sub_row(hub: Hub, subscription_id: str) -> Subscription:
     with hub.sessions() as session:
         return session.get_one(Subscription, subscription_id)
+
+
+def test_key_rotation_reseals_the_subscription(hub: Hub, receiver: Receiver) -> None:
+    from saf.crypto import value_key_id
+    from saf.keys import rotate
+
+    clinic = make_clinic(hub).clinic_id
+    sub = subscriptions.create(hub, ehr(clinic), subscription(receiver.url))
+    report = rotate(hub)
+    assert value_key_id(_sub_row(hub, sub["id"]).content_sealed) == report.new_key_id
+    again = subscriptions.read(hub, ehr(clinic), sub["id"])
+    assert again["channel"]["header"] == ["Authorization: Bearer clinic-secret"]
+
+
+def test_an_ended_subscription_hears_nothing(hub: Hub, receiver: Receiver) -> None:
+    clinic = make_clinic(hub).clinic_id
+    subscriptions.create(hub, ehr(clinic), {**subscription(receiver.url), "end": "2020-01-01"})
+    new_case(hub, clinic)
+    assert run_outbox(hub) == 0

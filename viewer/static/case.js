@@ -4,6 +4,7 @@ import { commentForm, showReply } from "./reply.js";
 
 const caseId = body.case;
 const UNCLAIMED = new Set(["requested", "received"]);
+const NO_PIXELS = new Set(["SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT"]); // listed, not viewed
 
 function age(birthDate) {
   if (!birthDate || birthDate.length < 8) return null;
@@ -66,8 +67,10 @@ function studies(info) {
         { class: "thumbs" },
         st.series.map((s) =>
           el(
-            "a",
-            { class: "thumb", href: `/cases/${caseId}/viewer?series=${s.id}`, "data-series": s.id },
+            NO_PIXELS.has(s.modality) ? "div" : "a",
+            NO_PIXELS.has(s.modality)
+              ? { class: "thumb", title: "a DICOM object without pixels (in the archive)", "data-series": s.id }
+              : { class: "thumb", href: `/cases/${caseId}/viewer?series=${s.id}`, "data-series": s.id },
             s.thumbnail && !s.thumbnail.placeholder
               ? el("img", { src: s.thumbnail.url, alt: "", loading: "lazy", width: "128", height: "128" })
               : el("div", { class: "noimg", text: s.modality || "?" }),

@@ -653,6 +653,7 @@ stage.addEventListener("pointercancel", (event) => {
   drawOverlay();
 });
 
+let wheelSum = 0;
 stage.addEventListener(
   "wheel",
   (event) => {
@@ -660,7 +661,12 @@ stage.addEventListener(
     if (event.ctrlKey || event.metaKey) {
       zoomAt(Math.exp(-event.deltaY / 300), ...localPoint(event));
     } else {
-      show(state.index + Math.sign(event.deltaY));
+      // one frame per wheel notch; a trackpad's small deltas add up to a notch first
+      wheelSum += event.deltaMode === 0 ? event.deltaY : event.deltaY * 40;
+      if (Math.abs(wheelSum) >= 40) {
+        show(state.index + Math.sign(wheelSum));
+        wheelSum = 0;
+      }
     }
   },
   { passive: false },

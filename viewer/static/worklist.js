@@ -1,6 +1,6 @@
 // The worklist: the specialist's worklists (one per specialty) or the clinic's cases,
 // most urgent first then by due time; refreshed in place every 20 s.
-import { api, banner, body, canWrite, clearBanner, el, fmtDate } from "./common.js";
+import { api, banner, body, canWrite, clearBanner, debounce, el, fmtDate } from "./common.js";
 
 const REFRESH_MS = 20000;
 const form = document.getElementById("filters");
@@ -89,12 +89,14 @@ async function refresh() {
   }
 }
 
+const typed = debounce(refresh, 300);
 form.addEventListener("change", refresh);
-form.addEventListener("input", (e) => e.target.name === "clinic" && refresh());
+form.addEventListener("input", (e) => e.target.name === "clinic" && typed());
 form.addEventListener("submit", (e) => e.preventDefault());
 if (body.role !== "specialist") {
   form.elements.specialty.closest("label").hidden = true;
   form.elements.clinic.closest("label").hidden = true;
+  form.elements.status.value = ""; // a clinic follows its cases to the reply
 }
 refresh();
 setInterval(() => document.visibilityState === "visible" && refresh(), REFRESH_MS);
