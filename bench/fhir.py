@@ -98,12 +98,19 @@ class Server:
 
     data_dir: Path
     database_url: str | None
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    processes: int = 1
+    """`saf api` processes on the same hub (each its own port; clients are spread over
+    them, as a load balancer would), since one Python process serves on one core."""
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def base(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return self.bases[0]
+
+    @property
+    def bases(self) -> list[str]:
+        return [f"http://{HOST}:{port}" for port in self.ports]
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SAF_")}
@@ -123,35 +130,41 @@ class Server:
         return done.stdout
 
     def start(self) -> None:
-        log = (self.data_dir.parent / "api.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "saf", "--data-dir", str(self.data_dir),
-             "--http-port", str(self.port), "api"],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"saf api exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(f"{self.base}/fhir/metadata", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise BenchError(f"saf api did not answer within 60 s: {self.log()}")
+        log = (self.data_dir.parent / "api.log").open("ab")
+        self.ports = [free_port() for _ in range(self.processes)]
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "saf", "--data-dir", str(self.data_dir),
+                 "--http-port", str(port), "api"],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+            ))  # fmt: skip
+        for proc, base in zip(self.procs, self.bases, strict=True):
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise BenchError(f"saf api exited with {proc.returncode}: {self.log()}")
+                try:
+                    if httpx.get(f"{base}/fhir/metadata", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+                if time.monotonic() > deadline:
+                    raise BenchError(f"saf api did not answer within 60 s: {self.log()}")
 
     def log(self) -> str:
         path = self.data_dir.parent / "api.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
             try:
-                self.proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                proc.kill()
+                proc.wait()
 
 
 # --------------------------------------------------------------------------- set-up
@@ -288,7 +301,7 @@ class Load:
 
 
 def run_load(
-    base: str,
+    bases: Sequence[str],
     headers: dict[str, str],
     clients: int,
     seconds: float,
@@ -301,7 +314,7 @@ def run_load(
     latencies: list[float] = []
     errors: list[str] = []
 
-    def worker() -> None:
+    def worker(base: str) -> None:
         with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
             mine: list[float] = []
             units = 0
@@ -318,7 +331,9 @@ def run_load(
                 totals["units"] += units
                 latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=worker, args=(bases[i % len(bases)],)) for i in range(clients)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -346,7 +361,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def bench_database(name: str, database_url: str | None, args: argparse.Namespace,
                    scratch: Path) -> list[Result]:  # fmt: skip
     """Every part against one database."""
-    server = Server(scratch / name / "data", database_url)
+    server = Server(scratch / name / "data", database_url, args.api_processes)
     server.data_dir.parent.mkdir(parents=True)
     server.saf("init")
     server.saf("clinic", "add", "Bench Clinic")
@@ -368,7 +383,7 @@ def bench_database(name: str, database_url: str | None, args: argparse.Namespace
             _checked(http.get(f"/fhir/Patient/{random.choice(ids)}"), "read")
             return 1
 
-        load = run_load(server.base, headers, args.clients, args.seconds, read)
+        load = run_load(server.bases, headers, args.clients, args.seconds, read)
         results.append(_rate(name, "read", "req/s", load))
 
         # (c) search
@@ -380,7 +395,7 @@ def bench_database(name: str, database_url: str | None, args: argparse.Namespace
                 raise BenchError(f"search for {mrn} found {body.get('total')}, expected 1")
             return 1
 
-        load = run_load(server.base, headers, args.clients, args.seconds, search)
+        load = run_load(server.bases, headers, args.clients, args.seconds, search)
         results.append(_rate(name, "search", "req/s", load))
     except BenchError as exc:
         raise BenchError(f"{name}: {exc}\n{server.log()}") from None
@@ -416,7 +431,7 @@ def ingest(server: Server, headers: dict[str, str], kind: str, ids: list[str],
             raise BenchError(f"transaction of {size} {kind}: not every entry 201 Created")
         return size
 
-    load = run_load(server.base, headers, args.ingest_clients, args.seconds, post)
+    load = run_load(server.bases, headers, args.ingest_clients, args.seconds, post)
     return _rate(name, f"ingest-{kind}", "res/s", load)
 
 
@@ -561,6 +576,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent readers/searchers")
     parser.add_argument("--ingest-clients", type=int, default=2, help="concurrent bundle posters")
     parser.add_argument("--bundle-size", type=int, default=100)
+    parser.add_argument("--api-processes", type=int, default=1,
+                        help="saf api processes on the hub (clients spread over them)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile the read path")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument("--scratch", type=Path, default=None)
@@ -578,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scratch filesystem": mounted_filesystem(scratch),
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "clients": f"{args.clients} readers/searchers, {args.ingest_clients} bundle posters",
+        "server": f"{args.api_processes} saf api process(es), uvicorn",
     }
     for key, value in facts.items():
         console.print(f"{key}: {value}", highlight=False)

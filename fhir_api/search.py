@@ -6,7 +6,8 @@ seconds), ``identifier`` (token: ``system|value``, ``value``, ``|value``, ``syst
 ``status``, ``type``/``category``/``code`` (token), ``based-on`` (reference
 ``ServiceRequest/<id>``), ``date`` (prefixes as ``_lastUpdated``; the element each type
 reads is saf.fhir_store.DATE_ELEMENTS; DocumentReference.date is ITI-67's), ``_count``
-(default 20, at most `COUNT_MAX`), ``_sort=_lastUpdated`` or ``-_lastUpdated``, and
+(default 20, at most `COUNT_MAX`), ``_sort`` by ``_lastUpdated`` or ``date`` (``-`` first:
+descending; ties and resources without a date ordered by last update then id), and
 ``_offset`` (the paging links use it); ``_include=<Type>:patient`` and
 ``Patient?_revinclude=<Type>:patient`` (see `INCLUDE_PARAMS`). Each parameter given twice
 is AND-ed; comma-separated values are OR-ed. Anything else is unknown: ignored and
@@ -205,9 +206,13 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> Parsed:
                 (parsed.includes if name == "_include" else parsed.revincludes).append(source)
                 parsed.used.append((name, value))
             elif name == "_sort":
-                if value not in ("_lastUpdated", "-_lastUpdated"):
-                    raise SearchError(name, "only _lastUpdated and -_lastUpdated are supported")
+                key = value.removeprefix("-")
+                if key != "_lastUpdated" and not (key == "date" and "date" in known):
+                    raise SearchError(
+                        name, "only _lastUpdated and date (where searchable), each with - or not"
+                    )
                 search.descending = value.startswith("-")
+                search.sort_by_date = key == "date"
                 parsed.used.append((name, value))
             continue
         if base not in known or ":" in name:

@@ -161,13 +161,10 @@ def search_subscriptions(request: Request, principal: CurrentPrincipal, hub: Hub
     if unknown and "handling=strict" in (request.headers.get("prefer") or ""):
         raise FhirError(400, f"unknown search parameters: {', '.join(unknown)}", expression=unknown)
     statuses = [v for value in params.getlist("status") for v in value.split(",") if v]
-    ids = {v for value in params.getlist("_id") for v in value.split(",") if v}
+    ids = [v for value in params.getlist("_id") for v in value.split(",") if v]
     found, total = subscriptions.search(
-        hub, principal, status=statuses or None, count=COUNT_MAX if ids else count, offset=offset
+        hub, principal, status=statuses or None, ids=ids or None, count=count, offset=offset
     )
-    if ids:
-        found = [r for r in found if r["id"] in ids][:count]
-        total = len(found)
     _audit(hub, "search", principal, None, detail=f"{len(found)} of {total} matches")
     base = _base(request, hub)
     used = [(k, v) for k, v in params.multi_items() if k in SEARCH_PARAMS]

@@ -245,6 +245,8 @@ class Search:
     count: int = 20
     offset: int = 0
     descending: bool = False
+    sort_by_date: bool = False
+    """Order by the ``date`` parameter's value (then last update and id), not last update."""
 
 
 # --------------------------------------------------------------------------- sealing
@@ -708,9 +710,10 @@ def _owner(principal: Principal, resource_type: str, case_clinic: str | None) ->
     if principal.kind == "user" and principal.role == "specialist":
         raise Forbidden(
             f"a specialist writes {', '.join(REPLY_TYPES)} about a case they see "
-            "(basedOn its ServiceRequest, imagingStudy, about its Task), nothing else"
+            "(basedOn its ServiceRequest, imagingStudy, about its Task), nothing else",
+            resource_type,
         )
-    raise Forbidden("only a clinic's users and systems write FHIR resources here")
+    raise Forbidden("only a clinic's users and systems write FHIR resources here", resource_type)
 
 
 def _write(
@@ -1294,11 +1297,15 @@ def search_in(
     where += [FhirResource.subject.in_(refs) for refs in query.subjects]
     where += [FhirResource.status.in_(codes) for codes in query.statuses]
     base = tenancy.visible_fhir_resources(principal).where(*where)
-    order = (
-        (FhirResource.last_updated.desc(), FhirResource.id.desc())
-        if query.descending
-        else (FhirResource.last_updated, FhirResource.id)
-    )
+    columns: list[Any] = [FhirResource.last_updated, FhirResource.id]
+    if query.sort_by_date:
+        date = (
+            select(func.min(FhirToken.value))
+            .where(FhirToken.resource_id == FhirResource.id, FhirToken.param == "date")
+            .scalar_subquery()
+        )
+        columns.insert(0, date)
+    order = [c.desc() for c in columns] if query.descending else columns
     total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
     page = base.order_by(*order).limit(query.count).offset(query.offset)
     rows = session.execute(_with_current(page)).all()

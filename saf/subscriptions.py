@@ -51,6 +51,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -332,14 +333,6 @@ def reseal(hub: Hub, new_key_id: str) -> int:
     return resealed
 
 
-def owner_of(hub: Hub, principal: Principal, subscription_id: str) -> Subscription | None:
-    """The subscription row if the caller sees it (for audit records), else None."""
-    with hub.sessions() as session:
-        return session.scalar(
-            tenancy.visible_subscriptions(principal).where(Subscription.id == subscription_id)
-        )
-
-
 def read(hub: Hub, principal: Principal, subscription_id: str) -> dict[str, Any]:
     """The Subscription resource (the client's content plus server-managed elements)."""
     with hub.sessions() as session:
@@ -351,6 +344,7 @@ def search(
     principal: Principal,
     *,
     status: list[str] | None = None,
+    ids: list[str] | None = None,
     count: int = 50,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
@@ -358,6 +352,8 @@ def search(
     query = tenancy.visible_subscriptions(principal).where(Subscription.deleted_at.is_(None))
     if status:
         query = query.where(Subscription.status.in_(status))
+    if ids:
+        query = query.where(Subscription.id.in_(ids))
     with hub.sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         rows = session.scalars(
@@ -745,11 +741,15 @@ def deliver_due(hub: Hub, render_task: TaskRenderer, *, limit: int = 50) -> list
 
 class Notifier:
     """Delivers due notifications every SAF_SUBSCRIPTION_POLL_INTERVAL seconds, in
-    ``saf worker`` next to the Forwarder."""
+    ``saf worker`` next to the Forwarder: a few at a time on a small thread pool (each
+    from another subscription, by claim_due), so one slow endpoint holds one thread, and
+    claiming no more than there are threads, so none waits past its lease."""
 
-    def __init__(self, hub: Hub, render_task: TaskRenderer) -> None:
+    def __init__(self, hub: Hub, render_task: TaskRenderer, *, threads: int = 4) -> None:
         self._hub = hub
         self._render_task = render_task
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saf-notify")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="saf-notifier", daemon=True)
 
@@ -758,14 +758,25 @@ class Notifier:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the delivery in flight (a cut one is redone after its lease)."""
+        """Stop after the deliveries in flight (a cut one is redone after its lease)."""
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=30)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self._hub.settings.subscription_poll_interval):
             try:
-                deliver_due(self._hub, self._render_task)
+                claimed = claim_due(self._hub, limit=self._threads)
+                list(self._pool.map(self._deliver, claimed))
             except Exception as exc:  # database away: try again next tick
                 log.warning("subscription delivery failed, will retry: %s", type(exc).__name__)
+
+    def _deliver(self, notification_id: int) -> Delivery | None:
+        try:
+            return deliver(self._hub, notification_id, self._render_task)
+        except Exception:
+            # Left `sending`: taken again when its lease runs out.
+            log.exception("notification %d failed unexpectedly; retried after its lease",
+                          notification_id)  # fmt: skip
+            return None

@@ -378,6 +378,20 @@ def test_angle_ellipse_edit_and_delete(browser: Any, served: Served) -> None:
     page.keyboard.press("Delete")
     page.wait_for_function("() => window.safViewer.annotations.length === 1")
     assert [a["kind"] for a in annotations_api(page, served)] == ["angle"]
+
+    # an arrow, and a text placed with a click (its words asked in a dialog)
+    page.click('[data-mode="arrow"]')
+    page.mouse.move(cx - 150, cy + 150)
+    page.mouse.down()
+    page.mouse.move(cx - 60, cy + 60, steps=4)
+    page.mouse.up()
+    page.once("dialog", lambda dialog: dialog.accept("calcified granuloma"))
+    page.click('[data-mode="text"]')
+    page.mouse.click(cx - 160, cy + 170)
+    page.wait_for_function("() => window.safViewer.annotations.length === 3")
+    made = {a["kind"]: a for a in annotations_api(page, served)}
+    assert len(made["arrow"]["points"]) == 2
+    assert made["text"]["text"] == "calcified granuloma" and len(made["text"]["points"]) == 1
     context.close()
 
 
@@ -409,4 +423,30 @@ def test_question_answered_by_the_clinic(browser: Any, served: Served) -> None:
     log_in(page, served, DEMO_SPECIALIST, f"/cases/{served.demo.case_id}")
     page.wait_for_selector("#communications li.from-clinic")
     assert "chest X-ray in 2023" in page.locator("#communications").inner_text()
+    context.close()
+
+
+def test_clinic_adds_a_document_shown_on_the_case_page(
+    browser: Any, served: Served, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    photo = tmp_path / "wound.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(photo)
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, served, DEMO_CLINICIAN, f"/cases/{served.demo.case_id}")
+    page.set_input_files("#upload-file", str(photo))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("#documents img.doc-image")
+    assert (
+        page.evaluate("() => document.querySelector('#documents img.doc-image').naturalWidth") == 40
+    )  # the bytes came back through /fhir/Binary
+    context.close()
+    # the specialist of the case sees it too
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, served, DEMO_SPECIALIST, f"/cases/{served.demo.case_id}")
+    page.wait_for_selector("#documents img.doc-image")
+    assert page.locator("#documents").inner_text().count("wound.png") == 0  # shown as image
     context.close()

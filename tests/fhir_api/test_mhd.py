@@ -323,3 +323,22 @@ def test_include_and_revinclude_document_patient(api: Api) -> None:
     assert other["total"] == 0 and other.get("entry", []) == []
     bad = api.client.get("/fhir/Patient?_include=Task:owner", headers=api.ehr)
     assert bad.status_code == 400
+
+
+def test_documents_sort_by_date(api: Api) -> None:
+    pid = api.post(patient()).json()["id"]
+    made = []
+    for date in ("2026-03-01T10:00:00Z", "2025-01-01", "2026-11-01T00:00:00+02:00"):
+        body = {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "subject": {"reference": f"Patient/{pid}"},
+            "date": date,
+            "content": [{"attachment": {"contentType": "text/plain", "url": "http://x/1"}}],
+        }
+        made.append(api.post(body).json()["id"])
+    up = api.client.get(f"/fhir/DocumentReference?patient={pid}&_sort=date", headers=api.ehr)
+    assert [e["resource"]["id"] for e in up.json()["entry"]] == [made[1], made[0], made[2]]
+    down = api.client.get(f"/fhir/DocumentReference?patient={pid}&_sort=-date", headers=api.ehr)
+    assert [e["resource"]["id"] for e in down.json()["entry"]] == [made[2], made[0], made[1]]
+    assert api.client.get("/fhir/Patient?_sort=date", headers=api.ehr).status_code == 400

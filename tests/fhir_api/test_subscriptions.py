@@ -110,6 +110,10 @@ def test_create_handshakes_and_crud_is_the_clinics(api: Api) -> None:
         "/fhir/Subscription", headers=api.ehr_b, params={"status": "active"}
     ).json()
     assert [e["resource"]["id"] for e in found["entry"]] == [sid]
+    by_id = api.client.get("/fhir/Subscription", headers=api.ehr_b, params={"_id": sid}).json()
+    assert by_id["total"] == 1
+    none = api.client.get("/fhir/Subscription", headers=api.ehr_b, params={"_id": "x"}).json()
+    assert none["total"] == 0 and none["entry"] == []
     # another clinic: as if absent
     assert api.client.get(f"/fhir/Subscription/{sid}", headers=api.ehr_a).status_code == 404
     assert api.client.get("/fhir/Subscription", headers=api.ehr_a).json()["total"] == 0

@@ -340,3 +340,27 @@ def test_a_damaged_sealed_name_matches_nothing_and_fails_nothing(
         session.commit()
 
     assert _studies(hub, world["a"], PatientName="*^*") == sorted([ct, old])
+
+
+def test_patient_id_is_matched_through_the_patient_index(hub: Hub, tmp_path: Path) -> None:
+    """A PatientID search looks the patient up by (clinic, Patient ID) rather than
+    scanning every study of the clinic (the plan, on SQLite; PostgreSQL plans by cost)."""
+    from sqlalchemy.dialects import sqlite
+
+    from saf.query import _parse, _statement
+
+    if hub.engine.dialect.name != "sqlite":
+        pytest.skip("the query plan is checked on SQLite only")
+    clinic = add_clinic(hub, "Clinic A", "MODALITY_A").id
+    paths = _ingest(hub, Sender(clinic, "test"), tmp_path / "a", seed=61, patient_id="PX1")
+    _ingest(hub, Sender(clinic, "test"), tmp_path / "b", seed=62, patient_id="PX2")
+    stmt = _statement(_ae(clinic), _parse(_q("STUDY", PatientID="PX1"), "study"))
+    compiled = stmt.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True})
+    with hub.engine.connect() as conn:
+        plan = " | ".join(
+            str(row[3]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")
+        )
+    assert "patient USING INDEX sqlite_autoindex_patient_2" in plan, plan
+    assert "ix_study_clinic_id" not in plan, plan
+    [study] = find(hub, _ae(clinic), _q("STUDY", PatientID="PX1", StudyInstanceUID="")).identifiers
+    assert study.StudyInstanceUID == _uid(paths[0])

@@ -321,15 +321,15 @@ def test_retry_delay_grows_with_jitter(hub: Hub) -> None:
         assert exp / 2 <= delay <= exp
 
 
-def test_the_payload_is_the_outbox_event(hub: Hub, receiver: Receiver) -> None:
-    """on_case_status on a case that no longer exists, or with no subscriptions: nothing."""
+def test_an_unknown_case_queues_nothing(hub: Hub) -> None:
+    """on_case_status for a case id that does not exist (a stale event): nothing."""
     assert (
         on_case_status(hub, {"case_id": "nope", "from": None, "to": "requested", "actor": "x"}) == 0
     )
 
 
 def _due_now(hub: Hub) -> None:
-    with hub.sessions.begin() as session:  # type: ignore[attr-defined]
+    with hub.sessions.begin() as session:
         session.execute(
             update(SubscriptionNotification)
             .where(SubscriptionNotification.state == "pending")

@@ -1,5 +1,5 @@
 // The case page: patient, studies with series thumbnails, history, reply and thread.
-import { api, banner, body, canWrite, el, fmtDate, personName } from "./common.js";
+import { api, banner, body, canWrite, el, fmtDate, personName, sessionExpired } from "./common.js";
 import { commentForm, showReply } from "./reply.js";
 
 const caseId = body.case;
@@ -103,5 +103,49 @@ async function load() {
   });
 }
 
-if (body.role === "clinician") commentForm(caseId, document.getElementById("comment-form"), load);
+/** A clinic adds a document: the bytes as a FHIR Binary, then a DocumentReference whose
+ * context names the case (Task/<case id>), through the FHIR API like an EHR would. */
+async function upload(event) {
+  event.preventDefault();
+  const file = document.getElementById("upload-file").files[0];
+  if (!file) return;
+  const post = async (url, type, payload) => {
+    const response = await fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": type, Accept: "application/fhir+json" },
+      body: payload,
+    });
+    if (response.status === 401) sessionExpired();
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const issue = (data.issue || [])[0] || {};
+      throw new Error(`${issue.diagnostics || response.status}${issue.expression ? ` (${issue.expression.join(", ")})` : ""}`);
+    }
+    return data;
+  };
+  try {
+    const binary = await post("/fhir/Binary", file.type || "application/octet-stream", file);
+    await post(
+      "/fhir/DocumentReference",
+      "application/fhir+json",
+      JSON.stringify({
+        resourceType: "DocumentReference",
+        status: "current",
+        description: file.name,
+        date: new Date().toISOString(),
+        content: [{ attachment: { url: `Binary/${binary.id}`, contentType: file.type, title: file.name, size: file.size } }],
+        context: { related: [{ reference: `Task/${caseId}` }] },
+      }),
+    );
+    location.reload();
+  } catch (error) {
+    banner(`The document was not added: ${error.message}`, "error");
+  }
+}
+
+if (body.role === "clinician") {
+  commentForm(caseId, document.getElementById("comment-form"), load);
+  document.getElementById("upload-form")?.addEventListener("submit", upload);
+}
 load();
