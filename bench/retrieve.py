@@ -21,7 +21,7 @@ Workloads (setup untimed, then only the client's request is timed):
 
 Run from the repository root::
 
-    python -m bench.retrieve [--repeat N] [--json OUT] [--quick]
+    python -m bench.retrieve [--repeat N] [--json OUT] [--quick] [--workloads retrieval,index]
 
 See ``bench/README.md`` for the fairness choices.
 """
@@ -718,9 +718,13 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     facts["dicomweb plugin"] = str(orthanc.plugin)
     for key, value in facts.items():
         console.print(f"{key:>20}: {value}")
-    rows = run_retrieval(tools, getscu, orthanc, sizes, args.repeat, scratch)
-    index_rows, setup = run_index(tools, orthanc, sizes, args.repeat, scratch)
-    rows += index_rows
+    rows: list[Row] = []
+    setup: dict[str, float] = {}
+    if "retrieval" in args.workloads:
+        rows += run_retrieval(tools, getscu, orthanc, sizes, args.repeat, scratch)
+    if "index" in args.workloads:
+        index_rows, setup = run_index(tools, orthanc, sizes, args.repeat, scratch)
+        rows += index_rows
     print_rows(rows, args.repeat)
     return {
         "machine": facts,
@@ -744,9 +748,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scratch", type=Path, default=None, help="parent of the temp dir (default: system temp)"
     )
+    parser.add_argument(
+        "--workloads",
+        default="retrieval,index",
+        help="retrieval (c-get, wado-rs), index (qido-*, metadata-*) or both (the default)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    args.workloads = {w.strip() for w in args.workloads.split(",") if w.strip()}
+    if not args.workloads or not args.workloads <= {"retrieval", "index"}:
+        parser.error("--workloads takes retrieval, index or retrieval,index")
     return args
 
 

@@ -365,7 +365,7 @@ def _seal_documents(hub: Hub, entries: list[Entry]) -> None:
     for entry in entries:
         if entry.method == "POST" and entry.resource_type == BINARY and entry.resource:
             _type, data = mhd.binary_from_json(entry.resource, f"{entry.where}.resource")
-            entry.document = documents.put(hub, data)
+            entry.document = mhd.store_bytes(hub, data)
             entry.resource.pop("data", None)
 
 

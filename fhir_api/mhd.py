@@ -38,7 +38,7 @@ from typing import Any, Final
 from fastapi import APIRouter, Request, Response
 
 from fhir_api.outcome import FHIR_JSON, FhirError, FhirRoute, fhir_json, issue
-from fhir_api.resources import parse, read_body
+from fhir_api.resources import parse, read_body, rules_of
 from saf import audit, documents, fhir_store
 from saf.deps import CurrentPrincipal, HubDep, require_scope
 from saf.hub import Hub
@@ -182,6 +182,17 @@ def binary_from_json(content: dict[str, Any], where: str = "Binary") -> tuple[st
     return str(content["contentType"]), raw
 
 
+def store_bytes(hub: Hub, data: bytes) -> documents.Sealed:
+    """Seal `data` into the blob store; a store that cannot take it is a 503 (retry later),
+    never a 500 and never an acknowledgement."""
+    try:
+        return documents.put(hub, data)
+    except OSError as exc:
+        raise FhirError(
+            503, f"cannot write to the blob store: {exc.strerror or exc}", code="transient"
+        ) from None
+
+
 def _wants_fhir(request: Request) -> bool:
     wanted = request.query_params.get("_format") or request.headers.get("accept") or ""
     kinds = [part.split(";")[0].strip().lower() for part in wanted.split(",")]
@@ -216,9 +227,11 @@ async def create_binary(request: Request, principal: CurrentPrincipal, hub: HubD
         content_type = request.headers["content-type"].strip()
         data = body
         resource = {"resourceType": "Binary", "contentType": content_type}
-    sealed = documents.put(hub, data)
+    sealed = store_bytes(hub, data)
     try:
-        stored = fhir_store.create(hub, principal, resource, fhir_store_rules(), document=sealed)
+        stored = fhir_store.create(
+            hub, principal, resource, rules_of(request, hub), document=sealed
+        )
     except fhir_store.StoreError as exc:
         audit.record_access(
             hub,
@@ -241,13 +254,6 @@ async def create_binary(request: Request, principal: CurrentPrincipal, hub: HubD
     )
     headers = {"ETag": f'W/"{stored.version_id}"', "Location": _location(hub, request, stored)}
     return fhir_json(_binary_json(stored, None), 201, headers)
-
-
-def fhir_store_rules() -> Any:
-    """A Binary never makes a case: the routing rules are not consulted."""
-    from saf.routing import default_rules
-
-    return default_rules()
 
 
 @router.get("/Binary/{binary_id}")

@@ -844,8 +844,8 @@ def create_in(
         patient_pk=_patient_link(session, clinic_id, content),
     )
     session.add(head)
-    # One flush at the end (the unit of work orders the inserts by foreign key): a
-    # transaction Bundle's entries then share round trips.
+    session.flush()  # the head first: versions, tokens and binaries reference it (no ORM
+    # relationships, so the unit of work would not order them)
     _write(session, hub, head, content, "POST", now, fresh=True)
     _after_link(session, head, case_id)
     if document is not None:

@@ -6,6 +6,9 @@ only says who the caller is and which scopes it holds; `verify_access_token` rea
 or client row again on every call, so disabling a user or revoking a client takes effect
 at the next request, not at the token's expiry. A changed role, clinic or specialty list
 also applies at once (the Principal is built from the database, not from the token).
+That check is one autocommitted SELECT (revoked? + the account row); what a process
+remembers between requests is only that a token's signature was already verified
+(`VERIFIED_CACHE_SIZE` tokens, each until it expires or its key leaves the key ring).
 
 Lifetimes (saf.settings): people 900 s, EHR clients 300 s, refresh tokens 8 h. A refresh
 token is a JWT with ``typ: rt+jwt`` that can be used once: its `jti` goes into the

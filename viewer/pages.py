@@ -1,9 +1,12 @@
 """The viewer's server-rendered pages: login, worklist, case page and image viewer.
 
-The pages are small shells (Jinja2, no inline script or style: the CSP forbids them);
-their data comes from the JSON API (`/api`, audited there) through the ES modules in
-`viewer/static/`. What a page itself reveals is only that a case id is visible to the
-caller, so the case pages check it through saf.tenancy and answer 404 otherwise.
+The pages are small Jinja2 shells (no inline script or style: the CSP forbids them);
+most of their data comes from the JSON API (`/api`, audited there) through the ES
+modules in `viewer/static/`. The case pages check the case through saf.tenancy (404
+otherwise, the same page for absent and hidden) and audit the access. Server-rendered
+parts: the case page's referral and documents (read through saf.fhir_store, each read
+audited), and the viewer page's first series' frame list plus a preload of its first
+128 px frame, so the first image needs no round trip after the page (slow links).
 
 Choices:
 - an unauthenticated *browser* (a GET whose Accept names text/html) is redirected to
@@ -266,9 +269,10 @@ URL, so the page's preload of it is used)."""
 
 
 def _frames(hub: HubDep, caller: Principal, series_id: str) -> dict[str, Any] | None:
-    """The series' frame list, as GET /api/series/{id}/frames answers it, for the page to
-    carry (saving the viewer a round trip before its first image); None when the series
-    is not the caller's or cannot be listed now (the script then asks the API itself)."""
+    """The series' frame list, as GET /api/series/{id}/frames answers it (the fields the
+    viewer uses), for the page to carry: the viewer saves a round trip before its first
+    image. None when the series is not the caller's or cannot be listed now (the script
+    then asks the API itself)."""
     with hub.sessions() as session:
         found = tenancy.get_series(session, caller, series_id)
         study = session.get(Study, found.study_pk) if found is not None else None
@@ -283,10 +287,22 @@ def _frames(hub: HubDep, caller: Principal, series_id: str) -> dict[str, Any] | 
     )
     return {
         "series_id": found.id,
-        "series_instance_uid": found.series_instance_uid,
         "modality": found.modality,
-        "frames": [f.to_json() for f in listed],
+        "frames": [{k: f.to_json()[k] for k in INLINED_FRAME_KEYS} for f in listed],
     }
+
+
+INLINED_FRAME_KEYS: Final = (
+    "instance_id",
+    "frame",
+    "rows",
+    "columns",
+    "window",
+    "instance_number",
+    "slice_location",
+)
+"""What viewer.js uses of a frame entry: the page carries only these (a 200-slice series
+is then ≈ 30 KB of HTML less to send over a slow link)."""
 
 
 NO_PIXELS: Final = ("SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT")

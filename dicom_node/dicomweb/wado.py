@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -13,10 +14,12 @@ from typing import Any, Final
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.tag import BaseTag
 
 from dicom_node.dicomweb.common import (
     CACHE_CONTROL,
@@ -305,14 +308,111 @@ def _dataset_json(ds: Dataset, memo: _Memo) -> list[tuple[str, str]]:
     return out
 
 
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+"""Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2)."""
+_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+"""Where pydicom's stop_before_pixels stops."""
+_FAST_SYNTAXES: Final = frozenset(
+    {"1.2.840.10008.1.2.1", *(
+        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
+    )}
+)  # fmt: skip
+"""Syntaxes whose data set (before Pixel Data) is plain explicit VR little endian."""
+_CHARSET_TAG: Final = 0x00080005
+
+
+def _explicit_elements(data: bytes, offset: int) -> list[tuple[int, str, bytes]] | None:
+    """(tag, VR, value) of each top-level element from `offset` up to Pixel Data, read
+    directly from explicit VR little endian bytes; None when anything needs pydicom's
+    reader (an undefined length, a UN element, a malformed header)."""
+    out: list[tuple[int, str, bytes]] = []
+    size = len(data)
+    while offset < size:
+        if offset + 8 > size:
+            return None
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            break
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            if offset + 12 > size:
+                return None
+            (length,) = struct.unpack_from("<L", data, offset + 8)
+            start = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            start = offset + 8
+        if length == 0xFFFFFFFF or vr == b"UN" or not (vr.isalpha() and vr.isupper()):
+            return None
+        offset = start + length
+        if offset > size:
+            return None
+        out.append((tag, vr.decode("ascii"), data[start:offset]))
+    return out
+
+
+def _fast_json(data: bytes, syntax: str, memo: _Memo) -> list[tuple[str, str]] | None:
+    """`_dataset_json` of a stored Part 10 object without building a pydicom Dataset: its
+    elements are split from the bytes and each is converted by pydicom on its own (or
+    taken from the memo), so the JSON is pydicom's. None: use the full reader."""
+    if syntax not in _FAST_SYNTAXES or data[128:132] != b"DICM":
+        return None
+    meta = _explicit_elements(data, 132)
+    if not meta or meta[0][0] != 0x00020000 or len(meta[0][2]) != 4:
+        return None
+    (meta_length,) = struct.unpack("<L", meta[0][2])
+    elements = _explicit_elements(data, 144 + meta_length)
+    if elements is None or any(tag >> 16 == 2 for tag, _, _ in elements):
+        return None
+    charset_raw = next((v for t, _, v in elements if t == _CHARSET_TAG), None)
+    charset, encodings = "", convert_encodings(None)
+    if charset_raw is not None:
+        value = _convert(_CHARSET_TAG, "CS", charset_raw, None).value
+        charset, encodings = str(value), convert_encodings(value)
+    out = []
+    for tag, vr, value in elements:
+        key: tuple[Any, ...] | None = None
+        if vr in _MEMO_VRS and len(value) <= MEMO_VALUE_MAX and not _ambiguous(tag):
+            key = (tag, vr, value, True, charset)
+            cached = memo.get(key)
+            if cached is not None:
+                out.append((f"{tag:08X}", cached))
+                continue
+        element = _convert(tag, vr, value, encodings).to_json_dict(None, BULK_DATA_THRESHOLD)
+        encoded = json.dumps(element, separators=(",", ":"))
+        if key is not None:
+            memo[key] = encoded
+        out.append((f"{tag:08X}", encoded))
+    return out
+
+
+def _convert(tag: int, vr: str, value: bytes, encodings: list[str] | None) -> DataElement:
+    raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+    return convert_raw_data_element(raw, encoding=encodings)
+
+
 def _metadata(hub: Hub, stored: _Stored, memo: _Memo) -> bytes:
     """One instance's DICOM JSON (no pixel data), encoded."""
     cached = metadata_cache.get(stored.instance.id)
     if cached is not None:
         return cached
-    ds = _open_dataset(hub, stored.blob, pixels=False)
+    fast = None
+    ds: Dataset
+    if stored.blob.size <= WHOLE_READ_MAX:
+        data = b"".join(vault.read(hub, stored.blob))
+        fast = _fast_json(data, stored.instance.transfer_syntax_uid, memo)
+        if fast is None:
+            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    else:
+        ds = _open_dataset(hub, stored.blob, pixels=False)
     tag, vr = AVAILABLE_TRANSFER_SYNTAX_UID
-    elements = [(t, e) for t, e in _dataset_json(ds, memo) if t != tag]
+    pairs = fast if fast is not None else _dataset_json(ds, memo)
+    elements = [(t, e) for t, e in pairs if t != tag]
     syntax = json.dumps({"vr": vr, "Value": [stored.instance.transfer_syntax_uid]})
     elements.append((tag, syntax.replace(", ", ",").replace(": ", ":")))
     data = ("{" + ",".join(f'"{t}":{e}' for t, e in elements) + "}").encode()

@@ -637,3 +637,46 @@ def test_metadata_of_objects_parsed_through_the_chunk_reader(
         expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
         [item] = [i for i in whole if value(i, "00080018") == uids(path)[2]]
         assert {t: e for t, e in item.items() if t != "00083002"} == expected
+
+
+def test_metadata_of_sequences_charsets_and_private_elements(
+    site: Site, hub: Hub, tmp_path: Path
+) -> None:
+    """The metadata reader that splits elements from the stored bytes gives pydicom's JSON
+    for what it handles (defined-length sequences, a UTF-8 name, private elements) and
+    hands over to pydicom for what it does not (undefined lengths)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node.dicomweb import wado
+
+    paths = make_study(tmp_path / "x", "ct", count=2, seed=9, patient_id="PX9")
+    for index, path in enumerate(paths):
+        ds = dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "Gröβe^Zoë"
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        ds.ReferencedImageSequence = Sequence([item])
+        ds.add_new(0x00091010, "LO", "SAF PRIVATE")
+        ds.add_new(0x00091011, "LO", "private value")
+        ds["ReferencedImageSequence"].is_undefined_length = index == 1  # one of each
+        ds.save_as(path, enforce_file_format=True)
+        ingest_part10(hub, path, site.sender_a)
+    wado.metadata_cache.clear()
+    study = uids(paths[0])[0]
+
+    body = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
+
+    assert len(body) == 2
+    for path in paths:
+        expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
+        [item] = [i for i in body if value(i, "00080018") == uids(path)[2]]
+        assert {t: e for t, e in item.items() if t != "00083002"} == expected
+    assert value(body[0], "00100010") == {"Alphabetic": "Gröβe^Zoë"}
+    data = paths[0].read_bytes()
+    syntax = str(dcmread(paths[0]).file_meta.TransferSyntaxUID)
+    assert wado._fast_json(data, syntax, {}) is not None  # defined length: split directly
+    undefined = paths[1].read_bytes()
+    assert wado._fast_json(undefined, syntax, {}) is None  # undefined length: pydicom reads

@@ -328,7 +328,7 @@ def test_include_and_revinclude_document_patient(api: Api) -> None:
 def test_documents_sort_by_date(api: Api) -> None:
     pid = api.post(patient()).json()["id"]
     made = []
-    for date in ("2026-03-01T10:00:00Z", "2025-01-01", "2026-11-01T00:00:00+02:00"):
+    for date in ("2026-03-01T10:00:00Z", "2025-01-01T08:00:00Z", "2026-11-01T00:00:00+02:00"):
         body = {
             "resourceType": "DocumentReference",
             "status": "current",
@@ -336,7 +336,9 @@ def test_documents_sort_by_date(api: Api) -> None:
             "date": date,
             "content": [{"attachment": {"contentType": "text/plain", "url": "http://x/1"}}],
         }
-        made.append(api.post(body).json()["id"])
+        created = api.post(body)
+        assert created.status_code == 201, created.text
+        made.append(created.json()["id"])
     up = api.client.get(f"/fhir/DocumentReference?patient={pid}&_sort=date", headers=api.ehr)
     assert [e["resource"]["id"] for e in up.json()["entry"]] == [made[1], made[0], made[2]]
     down = api.client.get(f"/fhir/DocumentReference?patient={pid}&_sort=-date", headers=api.ehr)
