@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from saf import frames, tenancy
 from saf.cases import IllegalTransition, TaskStatus, transition
-from saf.crypto import CryptoError, open_value, seal_value
+from saf.crypto import CryptoError, open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal
@@ -407,3 +407,16 @@ def _get(hub: Hub, case: Case, annotation_id: str) -> Annotation:
     if row is None or row.case_id != case.id:
         raise NotFound(f"no annotation {annotation_id} on case {case.id}")
     return row
+
+
+def reseal(hub: Hub, new_key_id: str) -> int:
+    """Reseal every annotation's text under the active key (saf.keys.rotate); how many."""
+    keyring = hub.keyring
+    resealed = 0
+    with transaction(hub.sessions) as session:
+        for row in session.scalars(select(Annotation).where(Annotation.text_sealed.is_not(None))):
+            token = row.text_sealed
+            if token and value_key_id(token) != new_key_id:
+                row.text_sealed = reseal_value(keyring, token, context=_text_context(row.id))
+                resealed += 1
+    return resealed

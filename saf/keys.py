@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from saf import fhir_store, subscriptions
+from saf import annotations as anno  # `annotations` is taken by the __future__ import
+from saf import fhir_store, replies, subscriptions
 from saf.crypto import BlobHeader, reseal_value, rewrap, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
@@ -51,6 +52,8 @@ def rotate(hub: Hub) -> RotationReport:
         _reseal_patients(hub, new_key_id)
         + fhir_store.reseal(hub, new_key_id)
         + subscriptions.reseal(hub, new_key_id)
+        + anno.reseal(hub, new_key_id)
+        + replies.reseal(hub, new_key_id)
     )
     return RotationReport(new_key_id, blobs, fields)
 

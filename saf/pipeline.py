@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from saf import forwarding, subscriptions
+from saf import forwarding, frames, subscriptions
 from saf.cases import CASE_STATUS_TOPIC, on_study_stable
 from saf.hub import Hub
 from saf.routing import RuleSet
@@ -44,6 +44,12 @@ def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
     # Queued after the case so a forwarding failure never delays the specialist; the
     # sending itself happens in the forwarder, per destination (saf.forwarding).
     forwarding.enqueue_study(hub, study_id, "study.stable")
+    # Last, and never fatal: the frame headers indexed now make the viewer's first opening
+    # of a series an index read; without them it reads the headers on demand.
+    try:
+        frames.index_study(hub, study_id)
+    except Exception as exc:
+        log.warning("study %s: frame headers not indexed (%s)", study_id, type(exc).__name__)
     log.info(
         "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s)",
         study_id,

@@ -52,7 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from saf import annotations as anno
 from saf import fhir_store, frames, report_pdf, sr, vault
 from saf.annotations import Frozen, Invalid, NotAllowed, check_writer
-from saf.crypto import CryptoError, open_value, seal_value
+from saf.crypto import CryptoError, open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import SYSTEM, Principal
@@ -874,3 +874,16 @@ def _finish(hub: Hub, case: Case, made: list[dict[str, str]]) -> None:
                 },
             )
         )
+
+
+def reseal(hub: Hub, new_key_id: str) -> int:
+    """Reseal every reply's sealed content under the active key (saf.keys.rotate); how many."""
+    keyring = hub.keyring
+    resealed = 0
+    with transaction(hub.sessions) as session:
+        for row in session.scalars(select(Reply).where(Reply.content_sealed.is_not(None))):
+            token = row.content_sealed
+            if token and value_key_id(token) != new_key_id:
+                row.content_sealed = reseal_value(keyring, token, context=_context(row.case_id))
+                resealed += 1
+    return resealed

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from saf.cases import worklist
 from saf.hub import Hub
 from saf.ingest import ingest_part10
-from saf.models import OutboxEvent, Thumbnail, utcnow
+from saf.models import FrameHeader, OutboxEvent, Thumbnail, utcnow
 from saf.pipeline import CompletedStudy, handle_event
 from saf.routing import default_rules
 from saf.stability import mark_stable_studies
@@ -42,5 +42,7 @@ def test_complete_study_event_gives_case_and_thumbnails_idempotently(
     assert item.case_id == first.case_id
     with hub.sessions() as session:
         assert len(session.scalars(select(Thumbnail)).all()) == 5
+        # the viewer's frame list is indexed already: its first opening reads no blob
+        assert len(session.scalars(select(FrameHeader)).all()) == 4
     for other in _events(hub, "instance.stored"):
         assert handle_event(hub, other.topic, other.payload, rules) is None

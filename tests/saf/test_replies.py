@@ -13,12 +13,14 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from saf import annotations as anno
-from saf import fhir_store, replies, vault
+from saf import fhir_store, keys, replies, vault
 from saf.annotations import Draft, Frozen, Invalid, NotAllowed
 from saf.cases import TaskStatus
+from saf.crypto import value_key_id
 from saf.hub import Hub
 from saf.identity import SYSTEM, Principal
 from saf.models import (
+    Annotation,
     Blob,
     Case,
     CaseMessage,
@@ -286,3 +288,21 @@ def test_a_question_puts_the_case_on_hold_and_the_answer_resumes_it(
     answer = fhir_store.read(hub, SYSTEM, "Communication", talk[1]["id"]).content or {}
     assert answer["inResponseTo"] == [{"reference": f"Communication/{talk[0]['id']}"}]
     assert answer["about"] == [{"reference": f"Task/{consult.case_id}"}]
+
+
+def test_key_rotation_reseals_annotation_texts_and_reply_drafts(hub: Hub, tmp_path: Path) -> None:
+    consult = make_consult(hub, tmp_path)
+    _annotate(hub, consult)
+    replies.save_draft(hub, SPECIALIST, _case(hub, consult.case_id), DRAFT)
+
+    report = keys.rotate(hub)
+
+    with hub.sessions() as session:
+        sealed = [a.text_sealed for a in session.scalars(select(Annotation)) if a.text_sealed]
+        sealed.append(session.get_one(Reply, consult.case_id).content_sealed or "")
+    assert sealed and {value_key_id(t) for t in sealed} == {report.new_key_id}
+    assert report.fields_resealed >= len(sealed)
+    case = _case(hub, consult.case_id)
+    texts = {anno.text_of(hub, row) for row in anno.of_case(hub, case.id)}
+    assert {"nodule", "here", "calcified"} <= texts
+    assert replies.view(hub, SPECIALIST, case)["findings"] == DRAFT.findings
