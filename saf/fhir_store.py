@@ -849,7 +849,10 @@ def create_in(
     _write(session, hub, head, content, "POST", now, fresh=True)
     _after_link(session, head, case_id)
     if document is not None:
-        session.add_all(documents.index_rows(document, resource_id, content["contentType"]))
+        blob, binary = documents.index_rows(document, resource_id, content["contentType"])
+        session.add(blob)
+        session.flush()  # the blob row before the row that references it
+        session.add(binary)
     if resource_type in DOCUMENT_TYPES:
         session.add(
             OutboxEvent(
@@ -857,7 +860,8 @@ def create_in(
                 payload={"type": resource_type, "id": resource_id, "case_id": case_id},
             )
         )
-    session.flush()
+    # No flush here: the next query or write of the transaction flushes these rows with
+    # its own (fewer round trips for a Bundle), the commit flushes the last ones.
     return Stored(
         resource_type, resource_id, 1, now, False, content, clinic_id, head.patient_pk, case_id
     )

@@ -197,6 +197,10 @@ def test_specialist_reads_annotates_and_replies_clinic_sees_it(
     page.keyboard.press("ArrowUp")
     page.wait_for_function(f"() => window.safViewer.index === {before}")
 
+    # the pixel value under the mouse, in HU
+    page.mouse.move(cx + 3, cy + 3)
+    page.wait_for_function("() => /HU$/.test(document.getElementById('hud-br').textContent)")
+
     # a length, drawn with the mouse, measured by the server in mm
     page.click('[data-mode="line"]')
     page.mouse.move(cx - 80, cy - 20)
@@ -272,6 +276,10 @@ def test_the_same_flow_on_a_tablet_with_touch(browser: Any, served: Served) -> N
     before = page.evaluate("() => window.safViewer.index")
     swipe(cdp, (cx, cy - 100), (cx, cy + 60))
     page.wait_for_function(f"() => window.safViewer.index !== {before}")
+    # a tap reads the pixel value (there is no hover on a tablet)
+    touch(cdp, "touchStart", [(cx, cy)])
+    touch(cdp, "touchEnd", [])
+    page.wait_for_function("() => /HU$/.test(document.getElementById('hud-br').textContent)")
 
     scale = page.evaluate("() => window.safViewer.view.scale")
     touch(cdp, "touchStart", [(cx - 40, cy), (cx + 40, cy)])
@@ -302,6 +310,13 @@ def test_an_unauthenticated_browser_is_sent_to_login_and_back(browser: Any, serv
     target = f"/cases/{served.demo.case_id}/viewer"
     log_in(page, served, DEMO_SPECIALIST, target)
     assert urlsplit(page.url).path == target  # back where the browser wanted to go
+    # not claimed yet: no drawing tools; the viewer offers the claim
+    wait_full_paint(page)
+    page.wait_for_selector("#reply-claim")
+    assert not page.locator("#tools").is_visible()
+    page.click("#reply-claim")
+    page.wait_for_selector("#reply-form")
+    assert page.locator("#tools").is_visible()
     # wrong password: the form says so and nothing else happens
     page.click("#logout")
     page.wait_for_url(re.compile(r"/login"))

@@ -124,8 +124,26 @@ export async function showReply(caseId, container, { threadList, caseInfo } = {}
   const refresh = () => showReply(caseId, container, { threadList, caseInfo });
   const mine = caseInfo ? caseInfo.assigned_to === body.user : true;
   if (canWrite && reply.status !== "signed" && mine) container.replaceChildren(form(caseId, reply, refresh));
+  else if (canWrite && reply.status !== "signed" && !caseInfo?.assigned_to)
+    container.replaceChildren(
+      el("p", { class: "muted", text: "Claim the case to annotate and write the reply. " }),
+      el("button", {
+        type: "button",
+        id: "reply-claim",
+        class: "primary",
+        text: "Claim",
+        onclick: async () => {
+          try {
+            await api(`/api/cases/${caseId}/claim`, { method: "POST" });
+            location.reload();
+          } catch (error) {
+            banner(`Could not claim: ${error.message}`, "error");
+          }
+        },
+      }),
+    );
   else if (canWrite && reply.status !== "signed")
-    container.replaceChildren(el("p", { class: "muted", text: "Claim the case to write the reply." }));
+    container.replaceChildren(el("p", { class: "muted", text: `${caseInfo.assigned_to} has claimed this case.` }));
   else container.replaceChildren(readOnly(reply));
   if (threadList) thread(threadList, reply);
   return reply;

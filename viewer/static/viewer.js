@@ -638,6 +638,11 @@ stage.addEventListener("pointermove", (event) => {
 
 function pointerEnd(event) {
   if (!pointers.delete(event.pointerId)) return;
+  // a tap (touch has no hover) reads the pixel value under the finger
+  if (event.pointerType !== "mouse" && ["wl", "scroll", "pan", "zoom"].includes(gesture?.mode)) {
+    const s = localPoint(event);
+    if (Math.hypot(s[0] - gesture.start[0], s[1] - gesture.start[1]) < 6) readValue(...s);
+  }
   if (gesture && gesture.mode !== "pinch" && pointers.size === 0) {
     const g = gesture;
     if (g.mode !== "angle-move") gesture = null;
