@@ -244,15 +244,28 @@ class Http:
     def request(
         self, method: str, path: str, accept: str, body: bytes | None = None, **headers: str
     ) -> tuple[int, str, bytes]:
-        """Status, Content-Type and the whole body."""
-        try:
-            self.conn.request(
-                method, path, body=body, headers={**self.auth, "Accept": accept, **headers}
-            )
-            response = self.conn.getresponse()
-            return response.status, response.getheader("Content-Type", ""), response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise BenchError(f"{method} {HOST}:{self.conn.port}{path} failed: {exc!r}") from exc
+        """Status, Content-Type and the whole body.
+
+        A keep-alive connection the server closed while it sat idle (uvicorn's
+        keep-alive timeout is 5 s, and a loaded machine can take longer between two
+        workloads) is opened again once, as browsers and HTTP libraries do for a GET.
+        """
+        for attempt in (1, 2):
+            try:
+                self.conn.request(
+                    method, path, body=body, headers={**self.auth, "Accept": accept, **headers}
+                )
+                response = self.conn.getresponse()
+                return response.status, response.getheader("Content-Type", ""), response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.conn.close()
+                if attempt == 2 or method != "GET":
+                    raise BenchError(
+                        f"{method} {HOST}:{self.conn.port}{path} failed: {exc!r}"
+                    ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise BenchError(f"{method} {HOST}:{self.conn.port}{path} failed: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     def get(self, path: str, accept: str) -> tuple[int, str, bytes]:
         return self.request("GET", path, accept)

@@ -72,6 +72,14 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             ],
         }
     )
+    # A1: _include=<Type>:patient and Patient?_revinclude=<Type>:patient (fhir_api.search)
+    about_patients = [t for t in STORED_TYPES if "patient" in PARAMS.get(t, ())]
+    for item in resources:
+        entry: dict[str, Any] = item
+        if entry["type"] in about_patients:
+            entry["searchInclude"] = [f"{entry['type']}:patient", f"{entry['type']}:subject"]
+        elif entry["type"] == "Patient":
+            entry["searchRevInclude"] = [f"{t}:patient" for t in about_patients]
     # A1: Binary (create, read: the bytes; fhir_api.mhd)
     resources.append(
         {

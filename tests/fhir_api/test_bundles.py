@@ -277,3 +277,39 @@ def test_transaction_needs_every_entrys_scope(api: Api) -> None:
     refused = send(api, bundle, api.clinician)
     assert refused.status_code == 403, refused.text
     assert _counts(api) == before
+
+
+def test_odd_bundles_never_answer_500(api: Api) -> None:
+    odd: list[Any] = [
+        {"resourceType": "Bundle", "type": "transaction", "entry": "x"},
+        {"resourceType": "Bundle", "type": "transaction", "entry": [1, None]},
+        transaction({"request": "POST"}),
+        transaction({"request": {"method": "POST", "url": "Patient"}}),
+        transaction({"request": {"method": "POST", "url": "Patient"}, "resource": []}),
+        transaction({"request": {"method": "POST", "url": ""}, "resource": patient()}),
+        transaction({"request": {"method": "GET", "url": "Patient/x/_history/1"}}),
+        transaction({"request": {"method": "GET", "url": "Patient?_count=zz"}}),
+        transaction({"request": {"method": "GET", "url": "Binary/nope"}}),
+        transaction({"request": {"method": "DELETE", "url": "Patient?identifier=x"}}),
+        transaction({"request": {"method": "PUT", "url": "Patient/nope"}, "resource": patient()}),
+        transaction(
+            {
+                "request": {"method": "PUT", "url": "Patient/a", "ifMatch": "soon"},
+                "resource": dict(patient(), id="a"),
+            }
+        ),
+        transaction(post(None, {"resourceType": "Binary", "contentType": "x/y", "data": "!"})),
+        transaction(post(None, patient(), ifNoneExist="bogus=1")),
+        transaction(post(None, service_request("x", subject={"reference": "Patient?"}))),
+        transaction(post(None, service_request("x", subject={"reference": "Widget?a=b"}))),
+        {"resourceType": "Bundle", "type": "batch", "entry": [1, {"request": {}}]},
+        {"resourceType": "Bundle", "type": "transaction", "bogus": True, "entry": []},
+    ]
+    for body in odd:
+        answer = send(api, body)
+        assert answer.status_code < 500, (body, answer.text)
+        assert answer.json()["resourceType"] in ("OperationOutcome", "Bundle")
+        if answer.status_code >= 400:
+            assert answer.json()["issue"][0]["diagnostics"]
+    empty = send(api, transaction())
+    assert empty.status_code == 200 and empty.json()["entry"] == []
