@@ -20,6 +20,7 @@ from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_eleme
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.tag import BaseTag
+from pydicom.valuerep import VR
 
 from dicom_node.dicomweb.common import (
     CACHE_CONTROL,
@@ -325,6 +326,12 @@ _FAST_SYNTAXES: Final = frozenset(
 _CHARSET_TAG: Final = 0x00080005
 
 
+_VRS: Final = {str(vr).encode(): str(vr) for vr in VR if len(str(vr)) == 2}
+"""The explicit VRs (PS3.5 6.2), as they appear in the bytes."""
+_ELEMENT_HEAD: Final = struct.Struct("<HH2sH")
+_LONG_LENGTH: Final = struct.Struct("<L")
+
+
 def _explicit_elements(data: bytes, offset: int) -> list[tuple[int, str, bytes]] | None:
     """(tag, VR, value) of each top-level element from `offset` up to Pixel Data, read
     directly from explicit VR little endian bytes; None when anything needs pydicom's
@@ -334,25 +341,26 @@ def _explicit_elements(data: bytes, offset: int) -> list[tuple[int, str, bytes]]
     while offset < size:
         if offset + 8 > size:
             return None
-        group, element = struct.unpack_from("<HH", data, offset)
+        group, element, raw_vr, length = _ELEMENT_HEAD.unpack_from(data, offset)
         tag = group << 16 | element
         if tag in _PIXEL_TAGS:
             break
-        vr = data[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
+        vr = _VRS.get(raw_vr)
+        if vr is None or vr == "UN":
+            return None
+        if raw_vr in _LONG_VRS:
             if offset + 12 > size:
                 return None
-            (length,) = struct.unpack_from("<L", data, offset + 8)
+            (length,) = _LONG_LENGTH.unpack_from(data, offset + 8)
             start = offset + 12
         else:
-            (length,) = struct.unpack_from("<H", data, offset + 6)
             start = offset + 8
-        if length == 0xFFFFFFFF or vr == b"UN" or not (vr.isalpha() and vr.isupper()):
+        if length == 0xFFFFFFFF:
             return None
         offset = start + length
         if offset > size:
             return None
-        out.append((tag, vr.decode("ascii"), data[start:offset]))
+        out.append((tag, vr, data[start:offset]))
     return out
 
 
