@@ -90,7 +90,8 @@ about the matched Patients (DocumentReference -> Patient, and back)."""
 
 _DATE = re.compile(
     r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})"
-    r"(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.(?P<f>\d{1,6})\d*)?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 
 
@@ -131,7 +132,13 @@ def _range(param: str, text: str) -> tuple[datetime, datetime]:
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
         start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-    if match["S"]:
+    if match["f"]:
+        # A fraction is as precise as its digits: a poller's cursor taken from
+        # meta.lastUpdated (microseconds) misses nothing written later in that second.
+        digits = match["f"]
+        start += timedelta(microseconds=int(digits.ljust(6, "0")))
+        end = start + timedelta(microseconds=10 ** (6 - len(digits)))
+    elif match["S"]:
         end = start + timedelta(seconds=1)
     elif match["M"]:
         end = start + timedelta(minutes=1)
