@@ -344,3 +344,10 @@ def test_documents_sort_by_date(api: Api) -> None:
     down = api.client.get(f"/fhir/DocumentReference?patient={pid}&_sort=-date", headers=api.ehr)
     assert [e["resource"]["id"] for e in down.json()["entry"]] == [made[2], made[0], made[1]]
     assert api.client.get("/fhir/Patient?_sort=date", headers=api.ehr).status_code == 400
+
+
+def test_a_clinician_at_the_clinic_portal_provides_documents_too(api: Api) -> None:
+    pid = api.post(patient(), api.clinician).json()["id"]
+    answer = send(api, provide_bundle(pid), api.clinician)
+    assert answer.status_code == 200, answer.text
+    assert [e["response"]["status"] for e in answer.json()["entry"]] == ["201 Created"] * 3
