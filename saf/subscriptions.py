@@ -273,6 +273,8 @@ def update_subscription(
     spec = parse_spec(hub, content)
     with transaction(hub.sessions) as session:
         row = _get(session, principal, subscription_id, for_update=True)
+        content = _unmasked(_content(hub, row), content)
+        spec = parse_spec(hub, content)
         _apply(hub, row, spec, content)
         row.version_id += 1
         row.status = "off" if spec.off else "requested"
@@ -362,10 +364,46 @@ def search(
         return [_resource(hub, r) for r in rows], int(total)
 
 
-def _resource(hub: Hub, row: Subscription) -> dict[str, Any]:
+MASKED: Final = "***"
+"""What a read shows instead of a channel.header value: headers carry the endpoint's
+credentials, which are write-only (a PUT that sends a header back as ``Name: ***`` keeps
+the stored value)."""
+
+
+def _content(hub: Hub, row: Subscription) -> dict[str, Any]:
     content: dict[str, Any] = json.loads(
         open_value(hub.keyring, row.content_sealed, context=_context(row.id))
     )
+    return content
+
+
+def _masked(content: dict[str, Any]) -> dict[str, Any]:
+    channel = content.get("channel")
+    if not isinstance(channel, dict) or not channel.get("header"):
+        return content
+    lines = [f"{str(line).partition(':')[0].strip()}: {MASKED}" for line in channel["header"]]
+    return {**content, "channel": {**channel, "header": lines}}
+
+
+def _unmasked(stored: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
+    """`content` with each ``Name: ***`` header line given back its stored value."""
+    channel = content.get("channel")
+    if not isinstance(channel, dict) or not channel.get("header"):
+        return content
+    known = {}
+    for line in (stored.get("channel") or {}).get("header") or []:
+        name, _, value = str(line).partition(":")
+        known[name.strip().lower()] = f"{name.strip()}: {value.strip()}"
+    lines = []
+    for line in channel["header"]:
+        name, _, value = str(line).partition(":")
+        keep = value.strip() == MASKED and name.strip().lower() in known
+        lines.append(known[name.strip().lower()] if keep else line)
+    return {**content, "channel": {**channel, "header": lines}}
+
+
+def _resource(hub: Hub, row: Subscription) -> dict[str, Any]:
+    content = _masked(_content(hub, row))
     resource: dict[str, Any] = {
         "resourceType": "Subscription",
         "id": row.id,

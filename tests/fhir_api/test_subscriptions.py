@@ -105,6 +105,9 @@ def test_create_handshakes_and_crud_is_the_clinics(api: Api) -> None:
     # the clinic reads and searches it, its clinician too (read-only)
     read = api.client.get(f"/fhir/Subscription/{sid}", headers=api.clinician_b)
     assert read.status_code == 200 and read.json()["channel"]["endpoint"] == api.receiver.url
+    # the endpoint's credentials are write-only
+    assert read.json()["channel"]["header"] == ["Authorization: ***"]
+    assert "for-the-clinic" not in read.text
     found = api.client.get(
         "/fhir/Subscription", headers=api.ehr_b, params={"status": "active"}
     ).json()
@@ -132,6 +135,15 @@ def test_create_handshakes_and_crud_is_the_clinics(api: Api) -> None:
     assert updated.status_code == 200, updated.text
     assert updated.json()["meta"]["versionId"] == "2" and updated.json()["reason"] == "changed"
     assert len(api.receiver.of_kind("handshake")) == 2
+    # what a read gave back, sent again: the stored credential is kept
+    echoed = api.client.get(f"/fhir/Subscription/{sid}", headers=api.ehr_b).json()
+    again = api.client.put(
+        f"/fhir/Subscription/{sid}",
+        content=json.dumps(echoed),
+        headers={**api.ehr_b, "Content-Type": FHIR},
+    )
+    assert again.status_code == 200, again.text
+    assert api.receiver.of_kind("handshake")[-1].headers["Authorization"] == "Bearer for-the-clinic"
     # $status
     status = api.client.get(f"/fhir/Subscription/{sid}/$status", headers=api.ehr_b).json()
     params = {p["name"]: p for p in status["entry"][0]["resource"]["parameter"]}
