@@ -13,7 +13,9 @@ keeps DICOM Patient IDs plain already, for the same reason. Names, dates and fre
 stay sealed.
 
 A ServiceRequest that is an active order is a referral: it makes or joins a case through
-saf.cases.on_referral (see `referral_of` for the mapping).
+saf.cases.on_referral (see `referral_of` for the mapping). A referral the EHR withdraws
+(updated to ``revoked`` or ``entered-in-error``) cancels its case, unless the case is
+finished already or another live referral still asks for it.
 
 Writes come in two layers: `create_in`, `update_in`, `delete_in` and `search_in` work in
 the caller's Session (a transaction Bundle puts all its entries in one database
@@ -64,6 +66,7 @@ from sqlalchemy.orm import Session
 
 from saf import documents, tenancy
 from saf.cases import (
+    ALLOWED,
     OPEN,
     CaseError,
     ClaimRefused,
@@ -129,6 +132,9 @@ DOCUMENT_TOPIC: Final = "fhir.document"
 
 REPORT_FINAL: Final = frozenset({"final", "amended", "corrected"})
 """DiagnosticReport.status values that complete the case."""
+
+WITHDRAWN: Final = frozenset({"revoked", "entered-in-error"})
+"""ServiceRequest.status values that withdraw a referral (its case is cancelled)."""
 
 COMMUNICATION_SENT: Final = frozenset({"in-progress", "completed"})
 """Communication.status values of a message that was sent (the others change nothing)."""
@@ -887,6 +893,10 @@ def settle(
             continue
         content = stored.content
         case_id = stored.case_id
+        if stored.resource_type == "ServiceRequest" and content.get("status") in WITHDRAWN:
+            if case_id is not None:
+                _withdraw(hub, principal, stored, case_id)
+            continue
         if stored.resource_type == "ServiceRequest":
             with hub.sessions() as session:
                 referral = referral_of(session, hub, principal, stored.clinic_id, content)
@@ -917,6 +927,37 @@ def settle(
                 except CaseError as exc:
                     log.warning("case %s: reply %s not applied: %s", case_id, stored.id, exc)
     return done
+
+
+def _withdraw(hub: Hub, principal: Principal, stored: Stored, case_id: str) -> None:
+    """Cancel the case of a withdrawn referral, if no other live referral asks for it and
+    the case can still be cancelled (idempotent: a cancelled case is left alone)."""
+    with hub.sessions() as session:
+        others = session.scalar(
+            select(func.count()).where(
+                FhirResource.case_id == case_id,
+                FhirResource.resource_type == "ServiceRequest",
+                FhirResource.id != stored.id,
+                FhirResource.deleted.is_(False),
+                FhirResource.status.not_in(list(WITHDRAWN)),
+            )
+        )
+        current = session.scalar(select(Case.status).where(Case.id == case_id))
+    if others or current is None:
+        return
+    if TaskStatus.CANCELLED not in ALLOWED[TaskStatus(current)]:
+        log.info("case %s is %s: ServiceRequest %s withdrawn too late", case_id, current, stored.id)
+        return
+    try:
+        transition(
+            hub,
+            case_id,
+            TaskStatus.CANCELLED,
+            actor=principal.name,
+            note=f"referral withdrawn (ServiceRequest/{stored.id})",
+        )
+    except CaseError as exc:  # changed meanwhile: the next write of the referral retries
+        log.warning("case %s: referral withdrawal not applied: %s", case_id, exc)
 
 
 def _atomically(

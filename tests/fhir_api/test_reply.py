@@ -231,3 +231,37 @@ def test_report_on_the_imaging_study_completes_a_study_only_case(hub: Hub, tmp_p
         assert task["status"] == "completed"
         report = client.get(f"/fhir/DiagnosticReport/{written.json()['id']}", headers=clinic)
         assert report.status_code == 200
+
+
+def test_a_withdrawn_referral_cancels_its_case_unless_finished(api: Api) -> None:
+    _, sr_id, case_id, _ = _referral(api)
+    current = api.client.get(f"/fhir/ServiceRequest/{sr_id}", headers=api.ehr).json()
+    revoked = api.client.put(
+        f"/fhir/ServiceRequest/{sr_id}",
+        content=json.dumps({**current, "status": "revoked"}),
+        headers={**api.ehr, "Content-Type": FHIR},
+    )
+    assert revoked.status_code == 200, revoked.text
+    assert _task_status(api, case_id, api.ehr) == "cancelled"
+    assert _statuses(api, case_id)[-1] == "cancelled"
+    # the same withdrawal again changes nothing
+    again = api.client.get(f"/fhir/ServiceRequest/{sr_id}", headers=api.ehr).json()
+    api.client.put(
+        f"/fhir/ServiceRequest/{sr_id}",
+        content=json.dumps({**again, "status": "entered-in-error"}),
+        headers={**api.ehr, "Content-Type": FHIR},
+    )
+    assert _statuses(api, case_id).count("cancelled") == 1
+
+
+def test_a_referral_withdrawn_after_the_reply_leaves_the_case_completed(api: Api) -> None:
+    pid, sr_id, case_id, specialist = _referral(api)
+    assert _post(api, report(pid, sr_id), specialist).status_code == 201
+    current = api.client.get(f"/fhir/ServiceRequest/{sr_id}", headers=api.ehr).json()
+    revoked = api.client.put(
+        f"/fhir/ServiceRequest/{sr_id}",
+        content=json.dumps({**current, "status": "revoked"}),
+        headers={**api.ehr, "Content-Type": FHIR},
+    )
+    assert revoked.status_code == 200, revoked.text
+    assert _task_status(api, case_id, api.ehr) == "completed"
