@@ -6,6 +6,7 @@ from typing import Any, Final
 
 from fhir_api import audit_events, imaging_study, subscriptions
 from fhir_api.search import PARAMS
+from fhir_api.tasks import INCLUDES as TASK_INCLUDES
 from fhir_api.tasks import SEARCH_PARAMS as TASK_PARAMS
 from saf.auth_http import TOKEN_PATH
 from saf.fhir_store import STORED_TYPES
@@ -70,6 +71,7 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             "searchParam": [
                 {"name": name, "type": _TASK_PARAM_TYPES[name]} for name in TASK_PARAMS
             ],
+            "searchInclude": list(TASK_INCLUDES),
         }
     )
     # A1: _include=<Type>:patient and Patient?_revinclude=<Type>:patient (fhir_api.search)

@@ -11,7 +11,9 @@ progress, reply) is the viewer's and the workers' business for now: read and sea
 Search: ``_id``, ``status``, ``priority``, ``owner`` (a username), ``performer-type``
 (the worklist code, optionally ``system|code``), ``_lastUpdated``, ``_count``,
 ``_offset``, ``_sort=_lastUpdated|-_lastUpdated``; a specialist's worklist is
-``Task?performer-type=<worklist>&status=requested``.
+``Task?performer-type=<worklist>&status=requested``. ``_include=Task:based-on`` (or
+``Task:focus``) adds the referrals and ``_include=Task:patient`` (or ``Task:for``) the
+patients of the page's Tasks, in one Bundle, as a worklist screen needs them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from fhir_api.outcome import (
     operation_outcome,
 )
 from fhir_api.search import COUNT_DEFAULT, COUNT_MAX, SearchError, last_updated_bounds
-from saf import audit, tenancy
+from saf import audit, fhir_store, tenancy
 from saf.deps import CurrentPrincipal, HubDep, require_scope
 from saf.hub import Hub
 from saf.identity import Principal
@@ -46,6 +48,14 @@ WORKLIST_SYSTEM: Final = "urn:saf:worklist"
 
 SEARCH_PARAMS: Final = ("_id", "status", "priority", "owner", "performer-type", "_lastUpdated")
 """Task search parameters (the CapabilityStatement lists these)."""
+
+INCLUDES: Final = {
+    "Task:based-on": "basedOn",
+    "Task:focus": "focus",
+    "Task:patient": "for",
+    "Task:for": "for",
+}
+"""``_include`` values served, with the Task element each follows."""
 
 
 def _instant(at: datetime) -> str:
@@ -103,6 +113,7 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
     where: list[ColumnElement[bool]] = []
     used: list[tuple[str, str]] = []
     unknown: list[str] = []
+    includes: list[str] = []
     count, offset, descending = COUNT_DEFAULT, 0, False
     try:
         for name, value in request.query_params.multi_items():
@@ -113,6 +124,14 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
                 offset = max(0, int(value))
             elif name == "_format":
                 continue
+            elif name == "_include":
+                for v in values:
+                    if v not in INCLUDES:
+                        raise SearchError(
+                            name, f"{v!r} is not served; one of {', '.join(INCLUDES)}"
+                        )
+                    includes.append(INCLUDES[v])
+                used.append((name, value))
             elif name == "_sort":
                 if value not in ("_lastUpdated", "-_lastUpdated"):
                     raise SearchError(name, "only _lastUpdated and -_lastUpdated are supported")
@@ -134,13 +153,15 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         cases = session.scalars(query.order_by(*order).limit(count).offset(offset)).all()
         tasks = [task_of(session, principal, case) for case in cases]
+    included = _included(hub, principal, tasks, includes)
     audit.record(
         hub,
         "search",
         principal,
         entity_type="Task",
         clinic_id=principal.clinic_id,
-        detail=f"{len(tasks)} of {total} matches",
+        detail=f"{len(tasks)} of {total} matches"
+        + (f", {len(included)} included" if included else ""),
     )
     base = _base(request, hub)
 
@@ -153,6 +174,14 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
     entries: list[dict[str, Any]] = [
         {"fullUrl": f"{base}/Task/{t['id']}", "resource": t, "search": {"mode": "match"}}
         for t in tasks
+    ]
+    entries += [
+        {
+            "fullUrl": f"{base}/{r['resourceType']}/{r['id']}",
+            "resource": r,
+            "search": {"mode": "include"},
+        }
+        for r in included
     ]
     if unknown:
         issues = [
@@ -168,6 +197,30 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
         "entry": entries,
     }
     return fhir_json(bundle)
+
+
+def _included(
+    hub: Hub, principal: Principal, tasks: list[dict[str, Any]], elements: list[str]
+) -> list[dict[str, Any]]:
+    """The resources the page's Tasks reference through `elements`, each once; only what the
+    caller sees (the Task's links were made from the visible resources already)."""
+    wanted: dict[str, None] = {}
+    for task in tasks:
+        for element in elements:
+            value = task.get(element)
+            for ref in value if isinstance(value, list) else [value] if value else []:
+                if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                    wanted[ref["reference"]] = None
+    found: list[dict[str, Any]] = []
+    for reference in wanted:
+        resource_type, _, resource_id = reference.partition("/")
+        try:
+            stored = fhir_store.read(hub, principal, resource_type, resource_id)
+        except fhir_store.StoreError:
+            continue  # deleted or no longer visible since the Task was made
+        if stored.content is not None:
+            found.append(stored.content)
+    return found
 
 
 def _clause(name: str, values: list[str]) -> list[ColumnElement[bool]]:

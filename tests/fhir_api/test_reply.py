@@ -265,3 +265,33 @@ def test_a_referral_withdrawn_after_the_reply_leaves_the_case_completed(api: Api
     )
     assert revoked.status_code == 200, revoked.text
     assert _task_status(api, case_id, api.ehr) == "completed"
+
+
+def test_a_worklist_page_with_its_referrals_and_patients_in_one_bundle(api: Api) -> None:
+    pid, sr_id, case_id, specialist = _referral(api)
+    page = api.client.get(
+        "/fhir/Task",
+        params=[
+            ("status", "requested"),
+            ("_include", "Task:based-on"),
+            ("_include", "Task:patient"),
+        ],
+        headers=specialist,
+    )
+    assert page.status_code == 200, page.text
+    modes = {
+        (e["resource"]["resourceType"], e["resource"]["id"]): e["search"]["mode"]
+        for e in page.json()["entry"]
+    }
+    assert modes == {
+        ("Task", case_id): "match",
+        ("ServiceRequest", sr_id): "include",
+        ("Patient", pid): "include",
+    }
+    # the clinic of another tenant gets neither the Task nor what it would include
+    other = api.client.get(
+        "/fhir/Task", params={"_include": "Task:based-on"}, headers=api.other_clinic
+    ).json()
+    assert other.get("entry", []) == []
+    bad = api.client.get("/fhir/Task", params={"_include": "Task:owner"}, headers=specialist)
+    assert bad.status_code == 400 and bad.json()["issue"][0]["expression"] == ["_include"]
