@@ -343,21 +343,23 @@ def _failed_entry(exc: Exception) -> dict[str, Any]:
 def _audit_results(
     hub: Hub, principal: Principal, entries: list[Entry], results: dict[int, Result]
 ) -> None:
+    accesses = []
     for entry in entries:
         result = results.get(entry.index)
         if result is None:
             continue
         stored = result.stored
-        audit.record_access(
-            hub,
-            result.event,
-            principal,
-            entry.resource_type,
-            stored.id if stored else None,
-            owner=stored,
-            detail=f"bundle entry {entry.index}"
-            + (f"; case {stored.case_id}" if stored and stored.case_id else ""),
+        accesses.append(
+            audit.Access(
+                result.event,
+                entry.resource_type,
+                stored.id if stored else None,
+                owner=stored,
+                detail=f"bundle entry {entry.index}"
+                + (f"; case {stored.case_id}" if stored and stored.case_id else ""),
+            )
         )
+    audit.record_accesses(hub, principal, accesses)
 
 
 def _seal_documents(hub: Hub, entries: list[Entry]) -> None:

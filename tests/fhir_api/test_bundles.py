@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from saf.fsck import fsck
-from saf.models import Blob, Case, FhirResource, FhirVersion, OutboxEvent
+from saf.models import AuditRecord, Blob, Case, FhirResource, FhirVersion, OutboxEvent
 from tests.factories import stored_blob_ids
 from tests.fhir_api.test_routes import FHIR, Api, api, patient, service_request
 
@@ -119,6 +119,17 @@ def test_transaction_resolves_urn_uuids_everywhere(api: Api) -> None:
             select(FhirResource.id).where(FhirResource.case_id == case_id)
         ).all()
     assert {sr_id, doc_id} <= set(linked)
+    # every entry is an audit record of its own, naming the object and its clinic
+    with api.hub.sessions() as session:
+        rows = session.scalars(
+            select(AuditRecord).where(AuditRecord.detail.like("bundle entry %"))
+        ).all()
+        clinic_id = session.get_one(FhirResource, pid).clinic_id
+    assert sorted((r.event, r.entity_type, r.entity_id) for r in rows) == sorted(
+        ("create", loc.split("/")[0], loc.split("/")[1]) for loc in locations
+    )
+    assert {r.clinic_id for r in rows} == {clinic_id}
+    assert {r.actor_kind for r in rows} == {"client"}
 
 
 def test_a_failed_transaction_leaves_nothing_blobs_included(api: Api) -> None:
