@@ -137,6 +137,16 @@ class Study(Base):
             "clinic_id", "study_instance_uid", name="uq_study_clinic_id_study_instance_uid"
         ),
         Index("ix_study_stable_pending", "stable_at", "last_received_at"),
+        # QIDO/C-FIND date ranges and paged study lists read a clinic's studies in this
+        # order (saf.query) without sorting them all.
+        Index(
+            "ix_study_clinic_date",
+            "clinic_id",
+            "study_date",
+            "study_time",
+            "study_instance_uid",
+            "id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
