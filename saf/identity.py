@@ -144,7 +144,8 @@ def role_scopes(role: str) -> frozenset[str]:
     - clinician: read and search everything of their clinic (`user/*.rs`); create and update
       referrals, documents, tasks, patients and studies (``ServiceRequest``,
       ``DocumentReference``, ``Binary``, ``Task``, ``Patient``, ``ImagingStudy``,
-      ``Communication``, and ``List`` for an MHD SubmissionSet). No delete: records are corrected, not erased.
+      ``Communication``, and ``List`` for an MHD SubmissionSet). No delete: records are
+      corrected, not erased.
     - specialist: read and search what is routed to them (`user/*.rs`); update the Task
       (claim, progress), write the reply (``DiagnosticReport``, ``Observation``,
       ``DocumentReference``/``Binary`` for annotations) and ``Communication``.
