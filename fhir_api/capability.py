@@ -44,7 +44,7 @@ _TASK_PARAM_TYPES: Final = {
 def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
     """The server's CapabilityStatement (R4 4.0.1, JSON, SMART Backend Services)."""
     root = base.removesuffix("/fhir")
-    resources = [
+    resources: list[dict[str, Any]] = [
         {
             "type": resource_type,
             "versioning": "versioned-update",
@@ -71,10 +71,10 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             "searchParam": [
                 {"name": name, "type": _TASK_PARAM_TYPES[name]} for name in TASK_PARAMS
             ],
-            "searchInclude": list(TASK_INCLUDES),
         }
     )
-    # A1: _include=<Type>:patient and Patient?_revinclude=<Type>:patient (fhir_api.search)
+    resources[-1]["searchInclude"] = [*TASK_INCLUDES]
+    # _include=<Type>:patient and Patient?_revinclude=<Type>:patient (fhir_api.search)
     about_patients = [t for t in STORED_TYPES if "patient" in PARAMS.get(t, ())]
     for item in resources:
         entry: dict[str, Any] = item
@@ -82,7 +82,7 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             entry["searchInclude"] = [f"{entry['type']}:patient", f"{entry['type']}:subject"]
         elif entry["type"] == "Patient":
             entry["searchRevInclude"] = [f"{t}:patient" for t in about_patients]
-    # A1: Binary (create, read: the bytes; fhir_api.mhd)
+    # Binary (create, read: the bytes; fhir_api.mhd)
     resources.append(
         {
             "type": "Binary",
@@ -92,7 +92,7 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
             "interaction": [{"code": "create"}, {"code": "read"}],
         }
     )
-    # Generated or hub-managed types (A2): ImagingStudy, AuditEvent, Subscription.
+    # Generated or hub-managed types: ImagingStudy, AuditEvent, Subscription.
     resources += [imaging_study.CAPABILITY, audit_events.CAPABILITY, subscriptions.CAPABILITY]
     return {
         "resourceType": "CapabilityStatement",
