@@ -40,7 +40,7 @@ from fastapi import APIRouter, Request, Response
 from fhir_api.outcome import FHIR_JSON, FhirError, FhirRoute, fhir_json, issue
 from fhir_api.resources import parse, read_body, rules_of
 from saf import audit, documents, fhir_store
-from saf.deps import CurrentPrincipal, HubDep, require_scope
+from saf.deps import CurrentPrincipal, HubDep, bearer_token, require_scope
 from saf.hub import Hub
 
 router = APIRouter(tags=["fhir"], route_class=FhirRoute)
@@ -281,7 +281,39 @@ def read_binary(
     headers = {"ETag": f'W/"{stored.version_id}"'}
     if _wants_fhir(request):
         return fhir_json(_binary_json(stored, data), 200, headers)
-    return Response(data, 200, headers=headers, media_type=content_type)
+    media_type, shown = _served_as(content_type, from_browser=bearer_token(request) is None)
+    headers.update(shown)
+    return Response(data, 200, headers=headers, media_type=media_type)
+
+
+DISPLAYED_INLINE: Final = frozenset(
+    {"application/pdf", "image/png", "image/jpeg", "image/gif", "image/webp"}
+)
+"""Document types a browser may show in place: they run no script in our origin (Chromium's
+PDF viewer is its own sandboxed extension). SVG is not among them: it can carry script."""
+
+
+def _served_as(content_type: str, *, from_browser: bool) -> tuple[str, dict[str, str]]:
+    """The media type and headers a document's bytes go out with. A clinic may upload any
+    Content-Type, and its bytes come from our origin: served as it is, an HTML document
+    (or a script another upload loads with ``<script src>``, which ``script-src 'self'``
+    would allow) would run with the reader's session. So only `DISPLAYED_INLINE` types are
+    shown in place (PDFs may be framed by our own case page); anything else is a download
+    in a sandbox, and to a browser session (the cookie) it is plain octet-stream, which
+    ``nosniff`` forbids as script or style. API clients with a bearer token get the stored
+    Content-Type (ITI-68: the document as it was provided)."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind in DISPLAYED_INLINE:
+        headers = {"Content-Disposition": "inline"}
+        if kind == "application/pdf":
+            headers["Content-Security-Policy"] = "frame-ancestors 'self'"
+            headers["X-Frame-Options"] = "SAMEORIGIN"
+        return content_type, headers
+    headers = {
+        "Content-Disposition": "attachment",
+        "Content-Security-Policy": "sandbox; default-src 'none'; frame-ancestors 'none'",
+    }
+    return ("application/octet-stream" if from_browser else content_type), headers
 
 
 __all__ = ["FHIR_JSON", "router"]

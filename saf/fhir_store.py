@@ -768,12 +768,29 @@ def _patient_link(session: Session, clinic_id: str, content: dict[str, Any]) -> 
     )
 
 
-def _after_link(session: Session, head: FhirResource, case_id: str | None) -> None:
-    """Tie a resource (and a referral's subject Patient resource) to the case."""
+def _after_link(
+    session: Session, head: FhirResource, case_id: str | None, content: dict[str, Any]
+) -> None:
+    """Tie a resource (and a referral's subject Patient resource, and the Binaries a
+    document's attachments name) to the case."""
     if case_id is None:
         return
     head.case_id = case_id
     patient_pk = session.scalar(select(Case.patient_pk).where(Case.id == case_id))
+    binaries = _binary_ids(content)
+    if binaries:
+        # A Binary is posted before the DocumentReference that names it, so it knows no
+        # case; linked here, the case's specialist can read the bytes the document is.
+        session.execute(
+            sql_update(FhirResource)
+            .where(
+                FhirResource.id.in_(binaries),
+                FhirResource.resource_type == BINARY,
+                FhirResource.clinic_id == head.clinic_id,
+                FhirResource.case_id.is_(None),
+            )
+            .values(case_id=case_id, patient_pk=patient_pk)
+        )
     if head.subject and patient_pk:
         session.execute(
             sql_update(FhirResource)
@@ -853,7 +870,7 @@ def create_in(
     session.flush()  # the head first: versions, tokens and binaries reference it (no ORM
     # relationships, so the unit of work would not order them)
     _write(session, hub, head, content, "POST", now, fresh=True)
-    _after_link(session, head, case_id)
+    _after_link(session, head, case_id, content)
     if document is not None:
         blob, binary = documents.index_rows(document, resource_id, content["contentType"])
         session.add(blob)
@@ -914,7 +931,7 @@ def settle(
         if case_id is not None and case_id != stored.case_id:
             with transaction(hub.sessions) as session:
                 head = session.get_one(FhirResource, stored.id)
-                _after_link(session, head, case_id)
+                _after_link(session, head, case_id, content)
                 patient_pk = head.patient_pk
             done[i] = replace(stored, case_id=case_id, patient_pk=patient_pk)
         if case_id is not None:
@@ -1076,8 +1093,8 @@ def update_in(
     _write(session, hub, head, content, "PUT", now)
     if head.patient_pk is None:
         head.patient_pk = _patient_link(session, clinic_id, content)
-    if case_id is not None and head.case_id is None:
-        _after_link(session, head, case_id)
+    # A linked resource keeps its case; a new version may name new Binaries to link.
+    _after_link(session, head, head.case_id or case_id, content)
     session.flush()
     return Stored(
         resource_type,
@@ -1163,6 +1180,18 @@ def _attachments(content: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]
         for i, item in enumerate(content.get("presentedForm") or []):
             if isinstance(item, dict):
                 yield f"DiagnosticReport.presentedForm[{i}]", item
+
+
+def _binary_ids(content: dict[str, Any]) -> list[str]:
+    """Ids of the Binaries stored here that the attachments of `content` name."""
+    ids = []
+    for _, attachment in _attachments(content):
+        url = attachment.get("url")
+        if isinstance(url, str) and url.startswith("Binary/"):
+            binary_id = _ref_id(url, "Binary")
+            if binary_id:
+                ids.append(binary_id)
+    return ids
 
 
 def _check_attachments(session: Session, principal: Principal, content: dict[str, Any]) -> None:

@@ -464,4 +464,45 @@ def test_clinic_adds_a_document_shown_on_the_case_page(
     log_in(page, served, DEMO_SPECIALIST, f"/cases/{served.demo.case_id}")
     page.wait_for_selector("#documents img.doc-image")
     assert page.locator("#documents").inner_text().count("wound.png") == 0  # shown as image
+    page.wait_for_function("() => document.querySelector('#documents img.doc-image').complete")
+    assert (
+        page.evaluate("() => document.querySelector('#documents img.doc-image').naturalWidth") == 40
+    )  # the specialist may read the bytes too (the Binary is linked to the case)
+    context.close()
+
+
+def test_a_referral_letter_pdf_is_shown_inline_on_the_case_page(
+    browser: Any, served: Served, tmp_path: Path
+) -> None:
+    """The clinic uploads a PDF; the specialist's case page frames it (our own origin may
+    frame a PDF, nothing else may) and the frame holds the document, not an error page."""
+    from fpdf import FPDF
+
+    letter = FPDF()
+    letter.add_page()
+    letter.set_font("helvetica", size=14)
+    letter.cell(text="Referral letter (synthetic)")
+    path = tmp_path / "letter.pdf"
+    letter.output(str(path))
+
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, served, DEMO_CLINICIAN, f"/cases/{served.demo.case_id}")
+    page.set_input_files("#upload-file", str(path))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("#documents iframe.doc-pdf")
+    context.close()
+
+    context = browser.new_context()
+    page = context.new_page()
+    with page.expect_response(re.compile(r"/fhir/Binary/[^/]+$")) as answered:
+        log_in(page, served, DEMO_SPECIALIST, f"/cases/{served.demo.case_id}")
+        page.wait_for_selector("#documents iframe.doc-pdf")
+    response = answered.value
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/pdf"
+    # the identical bytes, through /fhir/Binary, with the reader's session
+    assert page.request.get(response.url).body() == path.read_bytes()
+    framed = [f for f in page.frames if "/fhir/Binary/" in f.url]
+    assert framed, [f.url for f in page.frames]  # a refused frame would be chrome-error://
     context.close()

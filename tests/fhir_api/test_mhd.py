@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from saf.models import FhirBinary, FhirVersion, OutboxEvent
-from tests.factories import stored_blob_ids
+from tests.factories import TEST_PASSWORD, login_as, stored_blob_ids
 from tests.fhir_api.test_bundles import PDF, send
 from tests.fhir_api.test_routes import FHIR, Api, api, patient
 
@@ -351,3 +351,84 @@ def test_a_clinician_at_the_clinic_portal_provides_documents_too(api: Api) -> No
     answer = send(api, provide_bundle(pid), api.clinician)
     assert answer.status_code == 200, answer.text
     assert [e["response"]["status"] for e in answer.json()["entry"]] == ["201 Created"] * 3
+
+
+def test_a_document_is_shown_in_place_only_when_it_cannot_run_script(api: Api) -> None:
+    """A clinic may upload any Content-Type. PDFs and images are shown in place (a PDF may
+    be framed by our own case page); HTML, SVG or a script are a sandboxed download, and to
+    a browser session they are plain octet-stream, so one upload cannot run in the reader's
+    session or be loaded as a script by another (``script-src 'self'``)."""
+
+    def upload(data: bytes, kind: str) -> str:
+        created = api.client.post(
+            "/fhir/Binary", content=data, headers={**api.ehr, "Content-Type": kind}
+        )
+        assert created.status_code == 201, created.text
+        return str(created.json()["id"])
+
+    pdf = upload(PDF, "application/pdf")
+    html = upload(b"<script src='/fhir/Binary/x'></script>", "text/html; charset=utf-8")
+    script = upload(b"fetch('/api/cases')", "application/javascript")
+    svg = upload(b"<svg xmlns='http://www.w3.org/2000/svg'><script/></svg>", "image/svg+xml")
+
+    shown = api.client.get(f"/fhir/Binary/{pdf}", headers=api.ehr)
+    assert shown.headers["content-type"] == "application/pdf"
+    assert shown.headers["content-disposition"] == "inline"
+    assert shown.headers["content-security-policy"] == "frame-ancestors 'self'"
+    assert shown.headers["x-frame-options"] == "SAMEORIGIN"
+    assert shown.content == PDF
+
+    for bid, kind in (
+        (html, "text/html; charset=utf-8"),
+        (script, "application/javascript"),
+        (svg, "image/svg+xml"),
+    ):
+        by_api = api.client.get(f"/fhir/Binary/{bid}", headers=api.ehr)
+        assert by_api.headers["content-type"] == kind  # ITI-68: as provided
+        assert by_api.headers["content-disposition"] == "attachment"
+        assert by_api.headers["content-security-policy"].startswith("sandbox;")
+        assert by_api.headers["x-content-type-options"] == "nosniff"
+
+    # The same clinic's user in the viewer (session cookie, no bearer token).
+    login_as(api.client, username="bert.b", clinic="Clinic B")
+    session = api.client.post(
+        "/auth/session", data={"username": "bert.b", "password": TEST_PASSWORD}
+    )
+    assert session.status_code == 204, session.text
+    try:
+        for bid in (html, script, svg):
+            in_browser = api.client.get(f"/fhir/Binary/{bid}")
+            assert in_browser.status_code == 200, in_browser.text
+            assert in_browser.headers["content-type"] == "application/octet-stream"
+            assert in_browser.headers["content-disposition"] == "attachment"
+        pdf_in_browser = api.client.get(f"/fhir/Binary/{pdf}")
+        assert pdf_in_browser.headers["content-type"] == "application/pdf"
+    finally:
+        api.client.cookies.clear()
+
+
+def test_the_case_specialist_reads_the_documents_bytes(api: Api) -> None:
+    """A Binary is posted before the DocumentReference that names it, so it knows no case;
+    once the document joins a case, that case's specialist may read the bytes (ITI-68) and
+    a specialist of another worklist may not."""
+    from tests.fhir_api.test_reply import _referral
+
+    pid, sr_id, _case_id, specialist = _referral(api)
+    created = api.client.post(
+        "/fhir/Binary", content=PDF, headers={**api.ehr, "Content-Type": "application/pdf"}
+    )
+    bid = created.json()["id"]
+    assert api.client.get(f"/fhir/Binary/{bid}", headers=specialist).status_code == 404
+    document = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": f"Patient/{pid}"},
+        "context": {"related": [{"reference": f"ServiceRequest/{sr_id}"}]},
+        "content": [{"attachment": {"contentType": "application/pdf", "url": f"Binary/{bid}"}}],
+    }
+    assert api.post(document).status_code == 201
+    shown = api.client.get(f"/fhir/Binary/{bid}", headers=specialist)
+    assert shown.status_code == 200, shown.text
+    assert shown.content == PDF
+    other = login_as(api.client, "specialist", username="dr.derm", specialties=["dermatology"])
+    assert api.client.get(f"/fhir/Binary/{bid}", headers=other).status_code == 404
