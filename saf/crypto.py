@@ -7,8 +7,11 @@ Layout of the keys:
 * Every blob gets a fresh random 256-bit **data key**, wrapped (RFC 3394) under
   the active KEK. The wrapped key lives in the blob's `BlobHeader`, which the
   index stores; the blob store holds only the sealed chunks.
+* Small values kept in the index (a patient name, an instance's DICOM JSON) are
+  sealed directly under a subkey of the KEK (`seal_value` for strings, `seal_bytes`
+  for bytes), bound to a context naming the field and row.
 * Rotation (`saf keys rotate`) adds a KEK and rewraps headers (`rewrap`) and
-  sealed index fields (`reseal_value`); blob contents are never rewritten.
+  sealed index fields (`reseal_value`, `reseal_bytes`); blob contents are never rewritten.
 
 Sealed blob stream: the plaintext is cut into chunks of `chunk_size` bytes (the
 last one may be shorter, or empty for an empty blob) and each chunk is sealed
@@ -61,10 +64,14 @@ __all__ = [
     "IntegrityError",
     "KeyRing",
     "UnknownKeyError",
+    "bytes_key_id",
+    "open_bytes",
     "open_value",
+    "reseal_bytes",
     "reseal_value",
     "rewrap",
     "seal",
+    "seal_bytes",
     "seal_value",
     "sealed_size",
     "unseal",
@@ -94,6 +101,7 @@ _BLOB_AAD_MAGIC = b"saf-blob-v1"
 _FIELD_HKDF_INFO = b"saf-field-v1"
 _FIELD_TOKEN_VERSION = "v1"
 _FIELD_NONCE_SIZE = 12
+_BYTES_MAGIC = b"SB1"
 _HEADER_MAGIC = b"SAF"
 _HEADER_VERSION = 1
 _KEYRING_FORMAT = "saf-keyring-v1"
@@ -702,3 +710,64 @@ def _parse_token(token: str) -> tuple[str, bytes]:
 def _check_context(context: str) -> None:
     if not isinstance(context, str) or not context:
         raise ValueError("context must be a non-empty string such as 'patient.name'")
+
+
+# --------------------------------------------------------------------------- sealed bytes
+
+
+def seal_bytes(keyring: KeyRing, data: bytes, *, context: str) -> bytes:
+    """Seal bytes for an index column (same keys as `seal_value`); returns
+    ``b"SB1" || len(key id) || key id || nonce || ciphertext``.
+
+    `context` names the field and the row it belongs to (e.g. "instance_metadata:<id>"),
+    so sealed bytes copied into another row or column do not open.
+    """
+    _check_context(context)
+    key_id = keyring.active_key_id
+    nonce = secrets.token_bytes(_FIELD_NONCE_SIZE)
+    sealed = keyring._field_aead(key_id).encrypt(nonce, data, context.encode("utf-8"))
+    key = key_id.encode("ascii")
+    return b"".join((_BYTES_MAGIC, bytes((len(key),)), key, nonce, sealed))
+
+
+def open_bytes(keyring: KeyRing, sealed: bytes, *, context: str) -> bytes:
+    """Open bytes made by seal_bytes under the same context; IntegrityError otherwise."""
+    _check_context(context)
+    key_id, nonce, body = _parse_sealed_bytes(sealed)
+    try:
+        return keyring._field_aead(key_id).decrypt(nonce, body, context.encode("utf-8"))
+    except InvalidTag:
+        raise IntegrityError(
+            f"sealed bytes under key {key_id} failed authentication for context {context!r} "
+            "(wrong row or field, tampered, or a different key ring that reuses the id)"
+        ) from None
+
+
+def bytes_key_id(sealed: bytes) -> str:
+    """Id of the KEK that sealed `sealed` (made by seal_bytes)."""
+    return _parse_sealed_bytes(sealed)[0]
+
+
+def reseal_bytes(keyring: KeyRing, sealed: bytes, *, context: str) -> bytes:
+    """Reseal bytes under the active KEK; already under it: verified and returned unchanged."""
+    data = open_bytes(keyring, sealed, context=context)
+    if bytes_key_id(sealed) == keyring.active_key_id:
+        return sealed
+    return seal_bytes(keyring, data, context=context)
+
+
+def _parse_sealed_bytes(sealed: bytes) -> tuple[str, bytes, bytes]:
+    sealed = bytes(sealed)
+    head = len(_BYTES_MAGIC)
+    if len(sealed) < head + 1 or sealed[:head] != _BYTES_MAGIC:
+        raise IntegrityError("malformed sealed bytes: not made by seal_bytes")
+    end = head + 1 + sealed[head]
+    try:
+        key_id = sealed[head + 1 : end].decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError("malformed sealed bytes: bad key id") from None
+    if not _KEY_ID_PATTERN.fullmatch(key_id):
+        raise IntegrityError("malformed sealed bytes: bad key id")
+    if len(sealed) < end + _FIELD_NONCE_SIZE + TAG_SIZE:
+        raise IntegrityError(f"malformed sealed bytes under key {key_id}: too short")
+    return key_id, sealed[end : end + _FIELD_NONCE_SIZE], sealed[end + _FIELD_NONCE_SIZE :]

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from saf import vault
+from saf import instance_metadata, vault
 from saf.crypto import seal_value
 from saf.hub import Hub
 from saf.models import Blob, Instance, OutboxEvent, Patient, Series, Study, new_id, utcnow
@@ -424,6 +424,8 @@ def _index(
     }
     topics = ["instance.stored"]
     if version > 1:
+        # The older versions are no longer served: their metadata rows go with them.
+        instance_metadata.forget(conn, [v.instance_id for v in versions])
         log.warning(
             "instance %s (study %s) received again with different bytes: kept as version %d",
             sop_instance_uid,

@@ -602,6 +602,24 @@ class FrameHeader(Base):
     """saf.frames.Header as JSON (no PHI: sizes, spacing, window, position, numbers)."""
 
 
+class InstanceMetadata(Base):
+    """An instance's DICOM JSON (PS3.18 F.2, WADO-RS metadata) kept in the index, so a
+    study's metadata is one query instead of a decryption of every blob (saf.instance_metadata)."""
+
+    __tablename__ = "instance_metadata"
+
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("instance.id", ondelete="CASCADE"), primary_key=True
+    )
+    format: Mapped[int] = mapped_column(Integer)
+    """Version of the JSON made (saf.instance_metadata.FORMAT); older rows are made again."""
+    key_id: Mapped[str] = mapped_column(String(64), index=True)
+    """Key-encryption key that sealed `sealed` (for rotation)."""
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    """zlib-compressed DICOM JSON, sealed with saf.crypto.seal_bytes (it is PHI)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class CaseMessage(Base):
     """A question of the specialist or an answer of the clinic on a case: the FHIR
     Communication that holds it (its text is there, sealed), in order."""
