@@ -171,4 +171,3 @@ def reseal(hub: Hub, new_key_id: str) -> int:
         resealed += len(batch)
         if len(batch) < BATCH:
             return resealed
-

@@ -37,8 +37,9 @@ class CompletedStudy:
 
 
 def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
-    """Render the study's thumbnails, make or join its case and route it, then queue it for
-    the forwarding destinations whose rules match."""
+    """Render the study's thumbnails (and, from the same read of each instance, keep its
+    DICOM JSON in the index for WADO-RS metadata), make or join its case and route it, then
+    queue it for the forwarding destinations whose rules match."""
     thumbnails = make_study_thumbnails(hub, study_id)
     case_id = on_study_stable(hub, study_id, rules)
     # Queued after the case so a forwarding failure never delays the specialist; the
@@ -51,11 +52,13 @@ def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
     except Exception as exc:
         log.warning("study %s: frame headers not indexed (%s)", study_id, type(exc).__name__)
     log.info(
-        "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s)",
+        "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s), "
+        "%d metadata row(s)",
         study_id,
         case_id,
         thumbnails.made,
         thumbnails.placeholders,
+        thumbnails.metadata,
     )
     return CompletedStudy(study_id, case_id, thumbnails)
 

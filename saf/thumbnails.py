@@ -1,4 +1,5 @@
-"""Sealed JPEG thumbnails of a study: one per instance and one representative per series.
+"""Sealed JPEG thumbnails of a study: one per instance and one representative per series;
+and, from the same read of each instance, its DICOM JSON for the index (saf.instance_metadata).
 
 `make_study_thumbnails` is idempotent and safe to run concurrently: the unique
 constraints on (instance_id, size) and (series_pk, size) decide who wins, and the
@@ -23,10 +24,10 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Table, and_, insert, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from saf import vault
+from saf import instance_metadata, vault
 from saf.crypto import CryptoError
 from saf.hub import Hub
-from saf.models import Blob, Instance, Series, Thumbnail, new_id, utcnow
+from saf.models import Blob, Instance, Series, Study, Thumbnail, new_id, utcnow
 from saf.render import RenderError, render, render_placeholder
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,20 @@ UNREADABLE = "DICOM data could not be read"
 _REASON_MAX = 200  # Thumbnail.reason column size
 _READ_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError)
 
-_instances, _series, _blobs, _thumbnails = (
-    cast(Table, model.__table__) for model in (Instance, Series, Blob, Thumbnail)
+_instances, _series, _studies, _blobs, _thumbnails = (
+    cast(Table, model.__table__) for model in (Instance, Series, Study, Blob, Thumbnail)
 )
 
 
 @dataclass
 class ThumbnailReport:
-    """What one run did: thumbnails written (placeholders included), already there, placeholders."""
+    """What one run did: thumbnails written (placeholders included), already there,
+    placeholders; instance metadata rows written."""
 
     made: int = 0
     skipped: int = 0
     placeholders: int = 0
+    metadata: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,17 @@ class _Source:
     instance_number: int | None
     sop_instance_uid: str
     blob: Blob
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass
+class _Prepared:
+    """What one read of an instance gave: its thumbnails and its metadata row."""
+
+    made: list[_Made]
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass
@@ -118,9 +132,12 @@ def make_study_thumbnails(hub: Hub, study_id: str) -> ThumbnailReport:
     encryption and fsync release the GIL); their index rows are committed in batches.
     """
     report = ThumbnailReport()
-    jobs: list[tuple[_Source, list[_Target]]] = []
+    jobs: list[tuple[_Source, list[_Target], bool]] = []
     by_series = _newest_instances(hub, study_id)
     done_instances, done_series = _existing(hub, by_series)
+    no_metadata = instance_metadata.missing(
+        hub, [s.instance_id for sources in by_series.values() for s in sources]
+    )
     for series_pk, sources in by_series.items():
         middle = _middle(sources)
         for source in sources:
@@ -134,25 +151,33 @@ def make_study_thumbnails(hub: Hub, study_id: str) -> ThumbnailReport:
                     report.skipped += 1
                 else:
                     targets.append(_Target(SERIES_SIZE, series_pk=series_pk))
-            if targets:
-                jobs.append((source, targets))
+            if targets or source.instance_id in no_metadata:
+                jobs.append((source, targets, source.instance_id in no_metadata))
     if jobs:
         _run(hub, jobs, report)
     return report
 
 
-def _run(hub: Hub, jobs: list[tuple[_Source, list[_Target]]], report: ThumbnailReport) -> None:
+def _run(
+    hub: Hub, jobs: list[tuple[_Source, list[_Target], bool]], report: ThumbnailReport
+) -> None:
     """Prepare every job on a thread pool and commit the results in batches, in order."""
     batch: list[_Made] = []
+    rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(THREADS, thread_name_prefix="thumbnails") as pool:
-        futures = [pool.submit(_prepare, hub, source, targets) for source, targets in jobs]
+        futures = [pool.submit(_prepare, hub, *job) for job in jobs]
         try:
             for future in futures:
-                batch.extend(future.result())
-                if len(batch) >= BATCH:
+                prepared = future.result()
+                batch.extend(prepared.made)
+                if prepared.metadata is not None:
+                    rows.append(prepared.metadata)
+                if len(batch) >= BATCH or len(rows) >= BATCH:
                     _commit(hub, batch, report)
-                    batch = []
+                    _store_metadata(hub, rows, report)
+                    batch, rows = [], []
             _commit(hub, batch, report)
+            _store_metadata(hub, rows, report)
         except BaseException:
             # Nothing prepared may outlive a failed run: stop what has not started, wait
             # for the rest, and remove every blob whose row was not committed.
@@ -161,7 +186,7 @@ def _run(hub: Hub, jobs: list[tuple[_Source, list[_Target]]], report: ThumbnailR
             wait(futures)
             for future in futures:
                 if not future.cancelled() and future.exception() is None:
-                    for made in future.result():
+                    for made in future.result().made:
                         if not made.committed:
                             vault.discard(hub, made.blob)
             raise
@@ -200,13 +225,15 @@ def _newest_instances(hub: Hub, study_id: str) -> dict[str, list[_Source]]:
         select(
             _instances.c.id, _instances.c.series_pk, _instances.c.sop_instance_uid,
             _instances.c.version, _instances.c.instance_number,
+            _instances.c.transfer_syntax_uid, _series.c.series_instance_uid,
+            _studies.c.study_instance_uid,
             _blobs.c.id.label("blob_id"), _blobs.c.header, _blobs.c.key_id,
             _blobs.c.size,
         )
         .select_from(
-            _instances.join(_series, _instances.c.series_pk == _series.c.id).join(
-                _blobs, _instances.c.blob_id == _blobs.c.id
-            )
+            _instances.join(_series, _instances.c.series_pk == _series.c.id)
+            .join(_studies, _series.c.study_pk == _studies.c.id)
+            .join(_blobs, _instances.c.blob_id == _blobs.c.id)
         )
         .where(_series.c.study_pk == study_id)
         .order_by(_instances.c.version)
@@ -218,7 +245,10 @@ def _newest_instances(hub: Hub, study_id: str) -> dict[str, list[_Source]]:
     by_series: dict[str, list[_Source]] = {}
     for row in newest.values():
         blob = Blob(id=row.blob_id, header=row.header, key_id=row.key_id, size=row.size)
-        source = _Source(row.id, row.series_pk, row.instance_number, row.sop_instance_uid, blob)
+        source = _Source(
+            row.id, row.series_pk, row.instance_number, row.sop_instance_uid, blob,
+            row.study_instance_uid, row.series_instance_uid, row.transfer_syntax_uid,
+        )  # fmt: skip
         by_series.setdefault(row.series_pk, []).append(source)
     return by_series
 
@@ -260,13 +290,38 @@ def _existing(hub: Hub, by_series: dict[str, list[_Source]]) -> tuple[set[str], 
 # --------------------------------------------------------------------------- rendering
 
 
-def _prepare(hub: Hub, source: _Source, targets: list[_Target]) -> list[_Made]:
-    """Read `source` once; render and seal a thumbnail (or placeholder) for each target."""
+def _store_metadata(hub: Hub, rows: list[dict[str, Any]], report: ThumbnailReport) -> None:
+    instance_metadata.store(hub, rows)
+    report.metadata += len(rows)
+
+
+def _metadata_row(hub: Hub, source: _Source, ds: Dataset) -> dict[str, Any] | None:
+    """The instance's metadata row; None (logged) when its header cannot be converted, in
+    which case the first metadata request tries again and reports the error."""
+    try:
+        data = instance_metadata.make(
+            ds,
+            study_uid=source.study_instance_uid,
+            series_uid=source.series_instance_uid,
+            sop_uid=source.sop_instance_uid,
+            transfer_syntax_uid=source.transfer_syntax_uid,
+        )
+    except _READ_ERRORS as exc:  # the message may quote header values (PHI): type only
+        log.warning("instance %s: no metadata row (%s)", source.instance_id, type(exc).__name__)
+        return None
+    return instance_metadata.sealed_row(hub, source.instance_id, data)
+
+
+def _prepare(hub: Hub, source: _Source, targets: list[_Target], metadata: bool) -> _Prepared:
+    """Read `source` once: its metadata row (when `metadata`) and a rendered and sealed
+    thumbnail (or placeholder) for each target."""
     try:
         ds: Dataset | None = _load(hub, source)
         failure: str | None = None
     except _Unrenderable as exc:
         ds, failure = None, exc.reason
+    # Before rendering, which may decode the pixel data in place.
+    row = _metadata_row(hub, source, ds) if metadata and ds is not None else None
     prepared: list[_Made] = []
     try:
         for target in targets:
@@ -294,7 +349,7 @@ def _prepare(hub: Hub, source: _Source, targets: list[_Target]) -> list[_Made]:
         for made in prepared:
             vault.discard(hub, made.blob)
         raise
-    return prepared
+    return _Prepared(prepared, row)
 
 
 def _load(hub: Hub, source: _Source) -> Dataset:

@@ -1,32 +1,25 @@
-"""WADO-RS: instances as stored, metadata (DICOM JSON) and frames."""
+"""WADO-RS: instances as stored, metadata (DICOM JSON), bulk data and frames."""
 
 from __future__ import annotations
 
-import functools
 import io
-import json
-import struct
-import threading
-from collections import OrderedDict
+import re
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydicom import dcmread
-from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.tag import BaseTag
-from pydicom.valuerep import VR
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node.dicomweb.common import (
     CACHE_CONTROL,
     Read,
     _accept,
     _audit_read,
+    _base_url,
     _boundary,
     _json_response,
     _multipart_response,
@@ -34,17 +27,15 @@ from dicom_node.dicomweb.common import (
     _syntaxes_for,
     _target,
 )
+from saf import instance_metadata as metadata_index
 from saf import vault
 from saf.deps import HubDep
+from saf.dicomjson import TagPathError, bulk_value, pixel_data_entry
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import Blob
 
 router = APIRouter()
-
-AVAILABLE_TRANSFER_SYNTAX_UID: Final = ("00083002", "UI")
-"""(tag, VR) of the attribute metadata adds: the syntax the instance is served in."""
-
 
 PART_IN_MEMORY_MAX: Final = 64 << 20
 """Objects up to this size are sent as one piece, decrypted while the previous one is
@@ -205,234 +196,52 @@ WHOLE_READ_MAX: Final = 1 << 20
 """Objects up to this size are decrypted whole before parsing (see `_open_dataset`)."""
 
 
-class _MetadataCache:
-    """Encoded DICOM JSON of recently served instances, in this process's memory only.
-
-    Keyed by instance row id: a row's stored object never changes (a different payload
-    under the same SOP Instance UID is a new row), so an entry never goes stale. Reading
-    headers through pydicom costs milliseconds per instance, which a viewer pays again on
-    every reopening of a study; this keeps the second time fast without a table or a disk
-    copy of PHI. Access is decided before the cache is asked (tenancy query first).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max = max_bytes
-        self._size = 0
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            data = self._entries.get(key)
-            if data is not None:
-                self._entries.move_to_end(key)
-            return data
-
-    def put(self, key: str, data: bytes) -> None:
-        with self._lock:
-            if key in self._entries or len(data) > self._max:
-                return
-            self._entries[key] = data
-            self._size += len(data)
-            while self._size > self._max:
-                _, dropped = self._entries.popitem(last=False)
-                self._size -= len(dropped)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._size = 0
-
-
-METADATA_CACHE_BYTES: Final = 128 << 20
-"""Memory the per-process metadata cache may hold (about 50,000 CT instances' headers)."""
-
-metadata_cache = _MetadataCache(METADATA_CACHE_BYTES)
-
-
-BULK_DATA_THRESHOLD: Final = 1 << 20
-"""Binary values up to this size are inlined (base64) in metadata; pixel data is left out."""
-
-MEMO_VALUE_MAX: Final = 1024
-"""Longest raw value whose JSON is shared between the instances of one metadata answer."""
-
-_MEMO_VRS: Final = frozenset(
-    {
-        *("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT"),
-        *("PN", "SH", "SL", "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT"),
-    }
-)
-"""Explicit VRs whose JSON depends only on the value bytes, byte order and character set."""
-
-_Memo = dict[tuple[Any, ...], str]
-
-
-@functools.lru_cache(maxsize=4096)
-def _ambiguous(tag: int) -> bool:
-    """Whether pydicom decides the tag's VR from other elements (US or SS, OB or OW...)."""
-    try:
-        return " or " in dictionary_VR(tag)
-    except KeyError:
-        return False  # a private or unknown tag: its explicit VR is what it is
-
-
-def _dataset_json(ds: Dataset, memo: _Memo) -> list[tuple[str, str]]:
-    """(tag, encoded JSON element) of every element, as pydicom's to_json_dict makes them.
-
-    Most elements of a study's instances (patient, study, series, equipment, image
-    modules) carry the same bytes in every instance; their JSON is made once per answer
-    and reused (the memo), which is most of the cost of a cold metadata request.
-    """
-    charset = str(ds.get("SpecificCharacterSet", ""))
-    out = []
-    # keys(), not iteration: iterating a Dataset converts every element, the cost avoided here
-    for tag in ds.keys():  # noqa: SIM118
-        raw = ds.get_item(tag)
-        key: tuple[Any, ...] | None = None
-        if (
-            isinstance(raw, RawDataElement)
-            and raw.VR in _MEMO_VRS
-            and raw.value is not None
-            and len(raw.value) <= MEMO_VALUE_MAX
-            and not _ambiguous(int(tag))
-        ):
-            key = (int(tag), raw.VR, raw.value, raw.is_little_endian, charset)
-            cached = memo.get(key)
-            if cached is not None:
-                out.append((f"{tag:08X}", cached))
-                continue
-        element = ds[tag].to_json_dict(None, BULK_DATA_THRESHOLD)
-        encoded = json.dumps(element, separators=(",", ":"))
-        if key is not None:
-            memo[key] = encoded
-        out.append((f"{tag:08X}", encoded))
-    return out
-
-
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-"""Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2)."""
-_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-"""Where pydicom's stop_before_pixels stops."""
-_FAST_SYNTAXES: Final = frozenset(
-    {"1.2.840.10008.1.2.1", *(
-        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-        "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-    )}
-)  # fmt: skip
-"""Syntaxes whose data set (before Pixel Data) is plain explicit VR little endian."""
-_CHARSET_TAG: Final = 0x00080005
-
-
-_VRS: Final = {str(vr).encode(): str(vr) for vr in VR if len(str(vr)) == 2}
-"""The explicit VRs (PS3.5 6.2), as they appear in the bytes."""
-_ELEMENT_HEAD: Final = struct.Struct("<HH2sH")
-_LONG_LENGTH: Final = struct.Struct("<L")
-
-
-def _explicit_elements(data: bytes, offset: int) -> list[tuple[int, str, bytes]] | None:
-    """(tag, VR, value) of each top-level element from `offset` up to Pixel Data, read
-    directly from explicit VR little endian bytes; None when anything needs pydicom's
-    reader (an undefined length, a UN element, a malformed header)."""
-    out: list[tuple[int, str, bytes]] = []
-    size = len(data)
-    while offset < size:
-        if offset + 8 > size:
-            return None
-        group, element, raw_vr, length = _ELEMENT_HEAD.unpack_from(data, offset)
-        tag = group << 16 | element
-        if tag in _PIXEL_TAGS:
-            break
-        vr = _VRS.get(raw_vr)
-        if vr is None or vr == "UN":
-            return None
-        if raw_vr in _LONG_VRS:
-            if offset + 12 > size:
-                return None
-            (length,) = _LONG_LENGTH.unpack_from(data, offset + 8)
-            start = offset + 12
-        else:
-            start = offset + 8
-        if length == 0xFFFFFFFF:
-            return None
-        offset = start + length
-        if offset > size:
-            return None
-        out.append((tag, vr, data[start:offset]))
-    return out
-
-
-def _fast_json(data: bytes, syntax: str, memo: _Memo) -> list[tuple[str, str]] | None:
-    """`_dataset_json` of a stored Part 10 object without building a pydicom Dataset: its
-    elements are split from the bytes and each is converted by pydicom on its own (or
-    taken from the memo), so the JSON is pydicom's. None: use the full reader."""
-    if syntax not in _FAST_SYNTAXES or data[128:132] != b"DICM":
-        return None
-    meta = _explicit_elements(data, 132)
-    if not meta or meta[0][0] != 0x00020000 or len(meta[0][2]) != 4:
-        return None
-    (meta_length,) = struct.unpack("<L", meta[0][2])
-    elements = _explicit_elements(data, 144 + meta_length)
-    if elements is None or any(tag >> 16 == 2 for tag, _, _ in elements):
-        return None
-    charset_raw = next((v for t, _, v in elements if t == _CHARSET_TAG), None)
-    charset, encodings = "", convert_encodings(None)
-    if charset_raw is not None:
-        value = _convert(_CHARSET_TAG, "CS", charset_raw, None).value
-        charset, encodings = str(value), convert_encodings(value)
-    out = []
-    for tag, vr, value in elements:
-        key: tuple[Any, ...] | None = None
-        if vr in _MEMO_VRS and len(value) <= MEMO_VALUE_MAX and not _ambiguous(tag):
-            key = (tag, vr, value, True, charset)
-            cached = memo.get(key)
-            if cached is not None:
-                out.append((f"{tag:08X}", cached))
-                continue
-        element = _convert(tag, vr, value, encodings).to_json_dict(None, BULK_DATA_THRESHOLD)
-        encoded = json.dumps(element, separators=(",", ":"))
-        if key is not None:
-            memo[key] = encoded
-        out.append((f"{tag:08X}", encoded))
-    return out
-
-
-def _convert(tag: int, vr: str, value: bytes, encodings: list[str] | None) -> DataElement:
-    raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
-    return convert_raw_data_element(raw, encoding=encodings)
-
-
-def _metadata(hub: Hub, stored: _Stored, memo: _Memo) -> bytes:
-    """One instance's DICOM JSON (no pixel data), encoded."""
-    cached = metadata_cache.get(stored.instance.id)
-    if cached is not None:
-        return cached
-    fast = None
-    ds: Dataset
-    if stored.blob.size <= WHOLE_READ_MAX:
-        data = b"".join(vault.read(hub, stored.blob))
-        fast = _fast_json(data, stored.instance.transfer_syntax_uid, memo)
-        if fast is None:
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+def _instance_json(hub: Hub, stored: _Stored) -> bytes:
+    """An instance's metadata made from its stored object (it has no row yet)."""
+    instance = stored.instance
+    syntax = UID(instance.transfer_syntax_uid)
+    study_uid, series_uid = stored.study.study_instance_uid, stored.series.series_instance_uid
+    prefix = metadata_index.bulk_prefix(study_uid, series_uid, instance.sop_instance_uid)
+    extra: dict[str, dict[str, Any]] = {}
+    if stored.blob.size <= WHOLE_READ_MAX or syntax == DeflatedExplicitVRLittleEndian:
+        ds = dcmread(io.BytesIO(b"".join(vault.read(hub, stored.blob))))
     else:
-        ds = _open_dataset(hub, stored.blob, pixels=False)
-    tag, vr = AVAILABLE_TRANSFER_SYNTAX_UID
-    pairs = fast if fast is not None else _dataset_json(ds, memo)
-    elements = [(t, e) for t, e in pairs if t != tag]
-    syntax = json.dumps({"vr": vr, "Value": [stored.instance.transfer_syntax_uid]})
-    elements.append((tag, syntax.replace(", ", ",").replace(": ", ":")))
-    data = ("{" + ",".join(f'"{t}":{e}' for t, e in elements) + "}").encode()
-    metadata_cache.put(stored.instance.id, data)
-    return data
+        # Pixel data is where the bytes are: stop before it, and describe it from its header.
+        with _ChunkReader(vault.read(hub, stored.blob)) as fp:
+            ds = dcmread(fp, stop_before_pixels=True)
+            head = fp.read(12)
+        entry = pixel_data_entry(
+            head,
+            little_endian=syntax.is_little_endian,
+            implicit_vr=syntax.is_implicit_VR,
+            bulk_uri=lambda path: prefix + path,
+        )
+        if entry is not None:
+            extra[entry[0]] = entry[1]
+    return metadata_index.make(
+        ds,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=instance.sop_instance_uid,
+        transfer_syntax_uid=instance.transfer_syntax_uid,
+        extra=extra,
+    )
 
 
 def _metadata_response(
     request: Request, hub: Hub, caller: Principal, found: list[_Stored], level: str, uid: str
 ) -> Response:
-    memo: _Memo = {}
-    body = b"[" + b",".join(_metadata(hub, s, memo) for s in found) + b"]"
+    """The instances' rows in one query; an instance without one gets it made, stored and
+    served. The answer is the rows joined as they are (no JSON parsed)."""
+    items = metadata_index.load(hub, [s.instance.id for s in found])
+    made = []
+    for stored in found:
+        if stored.instance.id not in items:
+            data = items[stored.instance.id] = _instance_json(hub, stored)
+            made.append(metadata_index.sealed_row(hub, stored.instance.id, data))
+    metadata_index.store(hub, made)
+    body = b"[" + b",".join(items[s.instance.id] for s in found) + b"]"
+    body = metadata_index.absolute_uris(body, _base_url(request))
     _audit_read(hub, caller, found, level, uid, "WADO-RS metadata")
     return _json_response(request, body)
 
@@ -460,6 +269,73 @@ def instance_metadata(
     """WADO-RS: DICOM JSON metadata of one instance."""
     found = _target(hub, caller, "read", study, series, instance)
     return _metadata_response(request, hub, caller, found, "Instance", instance)
+
+
+# ----- bulk data
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}")
+def retrieve_bulkdata(
+    study: str,
+    series: str,
+    instance: str,
+    path: str,
+    request: Request,
+    caller: Read,
+    hub: HubDep,
+) -> Response:
+    """WADO-RS: one binary value of an instance, as its metadata's BulkDataURI names it (a
+    tag path), read from the stored object: multipart/related with one
+    application/octet-stream part, or the bare bytes when only that is accepted. A
+    single-range ``Range: bytes=`` header answers 206 with those bytes."""
+    [stored] = _target(hub, caller, "read", study, series, instance)
+    ds = _open_dataset(hub, stored.blob, pixels=True)
+    try:
+        value = bulk_value(ds, path)
+    except TagPathError as exc:
+        raise HTTPException(404, str(exc)) from None
+    status, headers, value = _byte_range(request.headers.get("range"), value)
+    _audit_read(hub, caller, [stored], "Instance", instance, f"WADO-RS bulkdata {path[:64]}")
+    headers["Cache-Control"] = CACHE_CONTROL
+    if _bare_octets(request):
+        headers["Accept-Ranges"] = "bytes"
+        return Response(value, status, headers, media_type="application/octet-stream")
+    boundary = _boundary()
+    part_head = "Content-Type: application/octet-stream\r\n"
+    if "Content-Range" in headers:
+        part_head += f"Content-Range: {headers.pop('Content-Range')}\r\n"
+    body = f"--{boundary}\r\n{part_head}\r\n".encode() + value + f"\r\n--{boundary}--\r\n".encode()
+    media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    return Response(body, status, headers, media_type=media)
+
+
+def _bare_octets(request: Request) -> bool:
+    """Whether the client asks for the bytes alone (Accept names application/octet-stream
+    and no multipart)."""
+    types = {entry.media_type for entry in _accept(request)}
+    return "application/octet-stream" in types and "multipart/related" not in types
+
+
+def _byte_range(header: str | None, value: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, bytes) for an optional ``Range: bytes=first-last`` (one range;
+    a suffix ``-n`` too). Several ranges are answered whole (RFC 9110 allows it); a range
+    past the end is 416."""
+    size = len(value)
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if match is None or match[1] == match[2] == "":
+        return 200, {}, value
+    if match[1] == "":
+        first, last = max(0, size - int(match[2])), size - 1
+    else:
+        first = int(match[1])
+        last = min(int(match[2]), size - 1) if match[2] else size - 1
+    if first >= size or last < first:
+        raise HTTPException(
+            416,
+            f"range not satisfiable: the value has {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return 206, {"Content-Range": f"bytes {first}-{last}/{size}"}, value[first : last + 1]
 
 
 # ----- frames

@@ -95,6 +95,29 @@ def value(item: dict[str, Any], tag: str) -> Any:
     return values[0] if values else None
 
 
+BASE_URL = "http://testserver/dicomweb"
+
+
+def pydicom_json(path: Path) -> dict[str, Any]:
+    """pydicom's DICOM JSON of a stored file with its bulk values (768+ bytes, Pixel Data
+    among them) as the hub's BulkDataURIs, which is what metadata must answer."""
+    study, series, sop = uids(path)
+    prefix = f"{BASE_URL}/studies/{study}/series/{series}/instances/{sop}/bulkdata/"
+    return dcmread(path).to_json_dict(
+        bulk_data_threshold=1024, bulk_data_element_handler=lambda e: f"{prefix}{e.tag:08X}"
+    )
+
+
+def forget_metadata(hub: Hub) -> None:
+    """Empty the instance_metadata table, so the next request makes the rows from the blobs."""
+    from sqlalchemy import delete
+
+    from saf.models import InstanceMetadata
+
+    with hub.engine.begin() as conn:
+        conn.execute(delete(InstanceMetadata))
+
+
 def parts(response: Any) -> list[tuple[str, bytes]]:
     """The (Content-Type, body) of each part of a multipart/related response."""
     match = re.search(r"boundary=\"?([^\";]+)", response.headers["content-type"])
@@ -363,7 +386,7 @@ def test_retrieve_in_another_transfer_syntax_is_not_acceptable(site: Site) -> No
     assert anything.status_code == 200
 
 
-def test_metadata_is_dicom_json_without_pixel_data_and_gzipped(site: Site) -> None:
+def test_metadata_is_dicom_json_with_bulk_data_uris_and_gzipped(site: Site) -> None:
     study = uids(site.ct[0])[0]
 
     response = site.client.get(
@@ -376,13 +399,12 @@ def test_metadata_is_dicom_json_without_pixel_data_and_gzipped(site: Site) -> No
     body = response.json()  # httpx decodes the gzip
     assert len(body) == 3
     assert value(body[0], "00100010") == {"Alphabetic": "ALPHA^ANNA"}
-    assert all("7FE00010" not in item for item in body)
+    assert all(set(item["7FE00010"]) == {"vr", "BulkDataURI"} for item in body)
     assert all(value(item, "00280010") == 64 for item in body)
     assert value(body[0], "00083002") == str(dcmread(site.ct[0]).file_meta.TransferSyntaxUID)
     for path in site.ct:  # the same JSON as pydicom makes, element for element
-        expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
         [item] = [i for i in body if value(i, "00080018") == uids(path)[2]]
-        assert {t: e for t, e in item.items() if t != "00083002"} == expected
+        assert {t: e for t, e in item.items() if t != "00083002"} == pydicom_json(path)
     raw = site.client.get(
         f"/dicomweb/studies/{study}/metadata", headers={**site.a, "Accept-Encoding": "identity"}
     )
@@ -620,35 +642,32 @@ def test_retrieve_streams_large_objects_and_reads_small_ones_ahead(
 
 
 def test_metadata_of_objects_parsed_through_the_chunk_reader(
-    site: Site, monkeypatch: pytest.MonkeyPatch
+    site: Site, hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Objects over WHOLE_READ_MAX are parsed from the decrypting stream: same JSON."""
+    """Objects over WHOLE_READ_MAX are parsed from the decrypting stream, stopping before
+    the pixel data (described from its element header): same JSON."""
     from dicom_node.dicomweb import wado
 
     study = uids(site.mr[0])[0]
-    wado.metadata_cache.clear()
+    forget_metadata(hub)
     whole = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
     monkeypatch.setattr(wado, "WHOLE_READ_MAX", 0)
-    wado.metadata_cache.clear()
+    forget_metadata(hub)
     streamed = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
 
     assert streamed == whole and len(whole) == 2
     for path in site.mr:
-        expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
         [item] = [i for i in whole if value(i, "00080018") == uids(path)[2]]
-        assert {t: e for t, e in item.items() if t != "00083002"} == expected
+        assert {t: e for t, e in item.items() if t != "00083002"} == pydicom_json(path)
 
 
 def test_metadata_of_sequences_charsets_and_private_elements(
     site: Site, hub: Hub, tmp_path: Path
 ) -> None:
-    """The metadata reader that splits elements from the stored bytes gives pydicom's JSON
-    for what it handles (defined-length sequences, a UTF-8 name, private elements) and
-    hands over to pydicom for what it does not (undefined lengths)."""
+    """Metadata is pydicom's JSON for sequences (defined and undefined length), a UTF-8
+    name and private elements."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-
-    from dicom_node.dicomweb import wado
 
     paths = make_study(tmp_path / "x", "ct", count=2, seed=9, patient_id="PX9")
     for index, path in enumerate(paths):
@@ -664,19 +683,12 @@ def test_metadata_of_sequences_charsets_and_private_elements(
         ds["ReferencedImageSequence"].is_undefined_length = index == 1  # one of each
         ds.save_as(path, enforce_file_format=True)
         ingest_part10(hub, path, site.sender_a)
-    wado.metadata_cache.clear()
     study = uids(paths[0])[0]
 
     body = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
 
     assert len(body) == 2
     for path in paths:
-        expected = dcmread(path, stop_before_pixels=True).to_json_dict(None, 1 << 20)
         [item] = [i for i in body if value(i, "00080018") == uids(path)[2]]
-        assert {t: e for t, e in item.items() if t != "00083002"} == expected
+        assert {t: e for t, e in item.items() if t != "00083002"} == pydicom_json(path)
     assert value(body[0], "00100010") == {"Alphabetic": "Gröβe^Zoë"}
-    data = paths[0].read_bytes()
-    syntax = str(dcmread(paths[0]).file_meta.TransferSyntaxUID)
-    assert wado._fast_json(data, syntax, {}) is not None  # defined length: split directly
-    undefined = paths[1].read_bytes()
-    assert wado._fast_json(undefined, syntax, {}) is None  # undefined length: pydicom reads
