@@ -136,10 +136,36 @@ def test_retrieve_metadata_frames_and_rendered(served: Served) -> None:
     assert len(metadata) == 3
     first = Dataset.from_json(metadata[0])
     assert str(first.PatientName) == "ALPHA^ANNA"
-    assert "PixelData" not in first
+    assert set(metadata[0]["7FE00010"]) == {"vr", "BulkDataURI"}  # never inline
     assert frame == dcmread(served.files[1]).PixelData
     assert jpeg[:2] == b"\xff\xd8"
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bulk_data_uris_of_metadata_retrieve_the_values(served: Served) -> None:
+    """The client follows each BulkDataURI of the metadata (whole and by byte range) and
+    builds the dataset back with pydicom's bulk data handler."""
+    study, series, sop = uids(served.files[0])
+    stored = dcmread(served.files[0])
+
+    item = served.client.retrieve_instance_metadata(study, series, sop)  # the one item
+    # dicomweb-client sends `Host: 127.0.0.1` without the port, and the hub (no public
+    # URL configured) builds absolute URIs from the Host header: put the port back.
+    uri = item["7FE00010"]["BulkDataURI"].replace("//127.0.0.1/", f"//{served.url.split('/')[2]}/")
+    [whole] = served.client.retrieve_bulkdata(uri)
+    [ranged] = served.client.retrieve_bulkdata(uri, byte_range=(100, 199))
+    ds = Dataset.from_json(
+        {**item, "7FE00010": {**item["7FE00010"], "BulkDataURI": uri}},
+        lambda _tag, _vr, url: served.client.retrieve_bulkdata(url)[0],
+    )
+
+    assert uri.startswith(f"{served.url}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
+    assert whole == stored.PixelData
+    assert ranged == stored.PixelData[100:200]
+    assert bytes(ds.PixelData) == stored.PixelData and ds.PatientName == stored.PatientName
+    with pytest.raises(requests.HTTPError) as refused:
+        served.other.retrieve_bulkdata(uri)
+    assert refused.value.response.status_code == 404
 
 
 def test_store_instances_then_found_and_retrieved_identically(
