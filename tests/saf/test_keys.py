@@ -129,3 +129,29 @@ def test_tampered_blob_fails_export_and_leaves_no_partial_file(hub: Hub, tmp_pat
     assert not [p for p in written if p.suffix != ".dcm"], f"temp files left: {written}"
     for path in written:  # instances exported before the bad one are whole and verified
         assert dataset_sha256(path) == source[path.stem]
+
+
+def test_rotation_reseals_instance_metadata_rows(hub: Hub, tmp_path: Path) -> None:
+    """Each instance's sealed DICOM JSON moves to the new key and reads the same."""
+    from saf import instance_metadata
+    from saf.models import InstanceMetadata, Study
+    from saf.thumbnails import make_study_thumbnails
+
+    _ingest_study(hub, tmp_path)
+    with hub.sessions() as session:
+        study_pk = session.scalars(select(Study.id)).one()
+        instance_ids = list(session.scalars(select(Instance.id)))
+    make_study_thumbnails(hub, study_pk)
+    before = instance_metadata.load(hub, instance_ids)
+    first_key = hub.keyring.active_key_id
+
+    report = rotate(hub)
+
+    with hub.sessions() as session:
+        rows = list(session.scalars(select(InstanceMetadata)))
+    assert len(before) == len(rows) == 3
+    assert report.fields_resealed == 2 + 3  # patient name and birth date, three rows
+    assert {r.key_id for r in rows} == {report.new_key_id} != {first_key}
+    assert instance_metadata.load(hub, instance_ids) == before
+    assert rotate(hub).fields_resealed == 2 + 3  # and again under the next key
+    assert instance_metadata.load(hub, instance_ids) == before

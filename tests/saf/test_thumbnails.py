@@ -65,7 +65,7 @@ def test_ct_study_gets_instance_and_series_thumbnails(hub: Hub, tmp_path: Path) 
 
     report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=4, skipped=0, placeholders=0)
+    assert report == ThumbnailReport(made=4, skipped=0, placeholders=0, metadata=3)
     thumbs = _thumbnails(hub)
     assert sorted(t.size for t in thumbs) == [INSTANCE_SIZE] * 3 + [SERIES_SIZE]
     assert all(t.media_type == "image/jpeg" and not t.placeholder for t in thumbs)
@@ -132,7 +132,7 @@ def test_other_kinds_render(hub: Hub, tmp_path: Path, kind: str) -> None:
 
     report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=len(paths) + 1, skipped=0, placeholders=0)
+    assert report == ThumbnailReport(made=len(paths) + 1, skipped=0, placeholders=0, metadata=len(paths))
     for path in paths:
         data = thumbnail_bytes(hub, instance_id=_instance_id(hub, path), size=INSTANCE_SIZE)
         image = _open_jpeg(data, INSTANCE_SIZE)
@@ -167,7 +167,7 @@ def test_undecodable_instance_gets_placeholder(
     with caplog.at_level(logging.WARNING, logger="saf.thumbnails"):
         report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=4, skipped=0, placeholders=1)
+    assert report == ThumbnailReport(made=4, skipped=0, placeholders=1, metadata=3)
     by_instance = {t.instance_id: t for t in _thumbnails(hub) if t.instance_id}
     assert len(by_instance) == 3
     assert by_instance[bad_id].placeholder
@@ -195,7 +195,7 @@ def test_tampered_blob_gets_verification_placeholder(
     with caplog.at_level(logging.WARNING, logger="saf.thumbnails"):
         report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=4, skipped=0, placeholders=1)
+    assert report == ThumbnailReport(made=4, skipped=0, placeholders=1, metadata=2)
     by_instance = {t.instance_id: t for t in _thumbnails(hub) if t.instance_id}
     assert by_instance[tampered_id].placeholder
     assert by_instance[tampered_id].reason == VERIFICATION_FAILED
@@ -229,5 +229,5 @@ def test_large_instances_spool_to_disk(
 
     report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=4, skipped=0, placeholders=0)
+    assert report == ThumbnailReport(made=4, skipped=0, placeholders=0, metadata=3)
     assert list(hub.settings.spool_dir.iterdir()) == []
