@@ -80,6 +80,7 @@ PARAMS: dict[str, Callable[[Target], str]] = {
     "frame": lambda t: "1",
     "annotation_id": lambda t: t.annotation_id,
     "job_id": lambda t: str(t.forward_job_id),
+    "path": lambda t: "7FE00010",  # a bulk data tag path: the target's Pixel Data
 }
 """How to fill each path parameter with an object of clinic B's chest CT case (the target).
 A new route with another parameter name must be added here."""
