@@ -52,8 +52,7 @@ def complete_study(hub: Hub, study_id: str, rules: RuleSet) -> CompletedStudy:
     except Exception as exc:
         log.warning("study %s: frame headers not indexed (%s)", study_id, type(exc).__name__)
     log.info(
-        "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s), "
-        "%d metadata row(s)",
+        "study %s complete: case %s, %d thumbnail(s) made, %d placeholder(s), %d metadata row(s)",
         study_id,
         case_id,
         thumbnails.made,

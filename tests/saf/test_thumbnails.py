@@ -132,7 +132,9 @@ def test_other_kinds_render(hub: Hub, tmp_path: Path, kind: str) -> None:
 
     report = make_study_thumbnails(hub, study_id)
 
-    assert report == ThumbnailReport(made=len(paths) + 1, skipped=0, placeholders=0, metadata=len(paths))
+    assert report == ThumbnailReport(
+        made=len(paths) + 1, skipped=0, placeholders=0, metadata=len(paths)
+    )
     for path in paths:
         data = thumbnail_bytes(hub, instance_id=_instance_id(hub, path), size=INSTANCE_SIZE)
         image = _open_jpeg(data, INSTANCE_SIZE)
