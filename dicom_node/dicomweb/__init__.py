@@ -20,10 +20,18 @@ Choices written down:
   chunk (saf.vault.read), one part per instance; only the newest version of an
   instance is served. A request for a specific transfer syntax other than the stored
   one answers 406: the hub does not transcode.
-- Metadata (DICOM JSON) is read from the stored objects (headers only, pixel data
-  skipped), since the index holds a fraction of the attributes, and kept encoded per
-  instance in this process's memory (`wado.metadata_cache`; no table, nothing on disk);
-  gzip when asked.
+- Metadata (DICOM JSON, saf.dicomjson: pydicom's, element for element) is served from
+  the index: table instance_metadata holds each instance's JSON, zlib-compressed and
+  sealed (saf.instance_metadata). The worker makes the rows when the study completes,
+  from the read that renders its thumbnails; an instance without a row gets it made
+  from its blob, stored and served by the first request. A study's rows come in one
+  query and are joined as bytes (no JSON parsed); gzip when asked. There is no
+  in-memory cache: the table answers 1,000 instances in tens of milliseconds.
+- Binary values over 768 bytes, Pixel Data among them, are BulkDataURIs to
+  `.../instances/{sop}/bulkdata/{tag path}` (``7FE00010``; ``SSSSEEEE/item/tag`` inside
+  a sequence, items from 0), served from the stored object as multipart/related (or
+  the bare bytes when only application/octet-stream is accepted), one byte range
+  honoured (206).
 - STOW-RS spools each part to a private file and hands it to saf.ingest.ingest_part10,
   the one ingest path; the answer lists only what ingest committed.
 """
