@@ -13,10 +13,13 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from saf.hub import Hub
+from saf.models import Study
 from saf.settings import Settings
 from saf.stats import collect
+from saf.thumbnails import make_study_thumbnails
 from tests.factories import TEST_PATIENT_NAME, make_clinic, make_study, running_node
 
 NEEDLE_SIZE = 64
@@ -91,6 +94,12 @@ def test_local_store_keeps_no_plaintext(tmp_path: Path) -> None:
         names = _assert_data_dir_clean(settings.data_dir, needles)
         assert {"index.db", "index.db-wal", "keyring.json"} <= set(names), names
         assert len(list(hub.blobs.iter_ids())) == len(paths)
+        # The study completes: each instance's DICOM JSON (patient name and all) goes
+        # into the index, sealed.
+        with hub.sessions() as session:
+            study_pk = session.scalars(select(Study.id)).one()
+        assert make_study_thumbnails(hub, study_pk).metadata == len(paths)
+        _assert_data_dir_clean(settings.data_dir, needles)
     finally:
         hub.close()
     _assert_data_dir_clean(settings.data_dir, needles)  # after the WAL is checkpointed
