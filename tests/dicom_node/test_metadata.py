@@ -264,3 +264,25 @@ def test_rows_are_read_in_one_query(site: Site, hub: Hub) -> None:
     reads = [s for s in statements if "FROM instance_metadata" in s]
     assert len(reads) == 1
     assert not [s for s in statements if s.lstrip().upper().startswith("INSERT INTO INSTANCE_META")]
+
+
+def test_deleting_an_instance_deletes_its_row(site: Site, hub: Hub) -> None:
+    """The row goes with its instance (ON DELETE CASCADE), whoever deletes it."""
+    from sqlalchemy import delete
+
+    from saf.models import Instance
+
+    study, _, sop = uids(site.ct[0])
+    site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a)
+    with hub.sessions() as session:
+        instance_id = session.scalars(
+            select(Instance.id).where(Instance.sop_instance_uid == sop)
+        ).one()
+    assert instance_id in metadata_rows(hub)
+
+    with hub.engine.begin() as conn:
+        conn.execute(delete(Instance).where(Instance.id == instance_id))
+
+    assert instance_id not in metadata_rows(hub) and len(metadata_rows(hub)) == 3
+    remaining = site.client.get(f"/dicomweb/studies/{study}/metadata", headers=site.a).json()
+    assert sop not in by_sop(remaining) and len(remaining) == 3
