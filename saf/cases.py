@@ -370,44 +370,50 @@ def _case_facts(session: Session, target: Case) -> CaseFacts:
 def transition(hub: Hub, case_id: str, to: TaskStatus, *, actor: str, note: str = "") -> TaskStatus:
     """Move a case to `to` if the state machine allows it from its current status."""
     with transaction(hub.sessions) as session:
-        current = session.scalar(select(Case.status).where(Case.id == case_id))
-        if current is None:
-            raise CaseError(f"no case {case_id}")
-        before = TaskStatus(current)
-        if to not in ALLOWED[before]:
-            raise IllegalTransition(f"case {case_id}: {before} -> {to} is not allowed")
-        changes: dict[str, object] = {"status": to, "updated_at": utcnow()}
-        if to is TaskStatus.REQUESTED:
-            changes["assigned_to"] = None  # released
-        done = session.execute(
-            update(Case).where(Case.id == case_id, Case.status == before).values(**changes)
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise CaseError(f"case {case_id} changed meanwhile; try again")
-        _record(session, case_id, actor, before, to, note)
+        _transition_in(session, case_id, to, actor=actor, note=note)
     return to
+
+
+def _transition_in(session: Session, case_id: str, to: TaskStatus, *, actor: str, note: str) -> None:
+    current = session.scalar(select(Case.status).where(Case.id == case_id))
+    if current is None:
+        raise CaseError(f"no case {case_id}")
+    before = TaskStatus(current)
+    if to not in ALLOWED[before]:
+        raise IllegalTransition(f"case {case_id}: {before} -> {to} is not allowed")
+    changes: dict[str, object] = {"status": to, "updated_at": utcnow()}
+    if to is TaskStatus.REQUESTED:
+        changes["assigned_to"] = None  # released
+    done = session.execute(
+        update(Case).where(Case.id == case_id, Case.status == before).values(**changes)
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise CaseError(f"case {case_id} changed meanwhile; try again")
+    _record(session, case_id, actor, before, to, note)
 
 
 def claim(hub: Hub, case_id: str, specialist: str) -> None:
     """Give the case to `specialist` (status accepted); a second claim is refused."""
     with transaction(hub.sessions) as session:
-        row = session.execute(
-            select(Case.status, Case.assigned_to).where(Case.id == case_id)
-        ).first()
-        if row is None:
-            raise CaseError(f"no case {case_id}")
-        status, owner = row
-        if owner is not None or status not in CLAIMABLE:
-            reason = f"claimed by {owner}" if owner else f"status is {status}"
-            raise ClaimRefused(f"case {case_id} cannot be claimed: {reason}")
-        done = session.execute(
-            update(Case)
-            .where(Case.id == case_id, Case.assigned_to.is_(None), Case.status == status)
-            .values(status=TaskStatus.ACCEPTED, assigned_to=specialist, updated_at=utcnow())
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise ClaimRefused(f"case {case_id} cannot be claimed: claimed meanwhile")
-        _record(session, case_id, specialist, status, TaskStatus.ACCEPTED, "claimed")
+        _claim_in(session, case_id, specialist)
+
+
+def _claim_in(session: Session, case_id: str, specialist: str) -> None:
+    row = session.execute(select(Case.status, Case.assigned_to).where(Case.id == case_id)).first()
+    if row is None:
+        raise CaseError(f"no case {case_id}")
+    status, owner = row
+    if owner is not None or status not in CLAIMABLE:
+        reason = f"claimed by {owner}" if owner else f"status is {status}"
+        raise ClaimRefused(f"case {case_id} cannot be claimed: {reason}")
+    done = session.execute(
+        update(Case)
+        .where(Case.id == case_id, Case.assigned_to.is_(None), Case.status == status)
+        .values(status=TaskStatus.ACCEPTED, assigned_to=specialist, updated_at=utcnow())
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise ClaimRefused(f"case {case_id} cannot be claimed: claimed meanwhile")
+    _record(session, case_id, specialist, status, TaskStatus.ACCEPTED, "claimed")
 
 
 def worklist(hub: Hub, specialty: str, *, limit: int = 50, offset: int = 0) -> list[WorklistItem]:
