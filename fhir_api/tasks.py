@@ -78,6 +78,9 @@ INCLUDES: Final = {
 """``_include`` values served, with the Task element each follows."""
 
 
+INTERACTIONS: Final = ("read", "search-type", "update", "patch")
+"""Task interactions served (the CapabilityStatement lists exactly these)."""
+
 PRACTITIONER: Final = "Practitioner/"
 """Task.owner is ``Practitioner/<username>`` of the specialist who has the case."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal, cast
@@ -610,6 +610,7 @@ def update_task(
                         f"a claim makes the caller the owner: Practitioner/{actor}", "Task.owner"
                     )
                 _claim_in(session, case_id, actor)
+                wanted = replace(wanted, owner=actor)  # a claim names its owner
             else:
                 if to is TaskStatus.CANCELLED and not clinic:
                     raise NotPermitted(
