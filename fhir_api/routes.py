@@ -151,7 +151,8 @@ def metadata(request: Request, hub: HubDep) -> Response:
     return fhir_json(capability_statement(_base(request, hub), hub))
 
 
-# Task (a case, read and search) before the generic routes, which would take /fhir/Task.
+# Task (a case: read, search, update, patch) before the generic routes, which would take
+# /fhir/Task.
 router.include_router(tasks.router)
 router.include_router(subscriptions.router)
 router.include_router(imaging_study.router)

@@ -652,6 +652,9 @@ def update_task(
                 raise NotPermitted(
                     "only the requesting clinic or the specialist who has the case sets priority"
                 )
+            now = session.scalar(select(Case.status).where(Case.id == case_id))
+            if now not in OPEN:
+                raise IllegalTransition(f"Task/{case_id} is {now}: its priority is final")
             _reprioritise(hub, session, case_id, wanted.priority, actor, rules)
             changed = True
     return changed

@@ -320,6 +320,8 @@ def test_tenancy(world: World) -> None:
     listed = world.client.get("/api/cases", headers=world.specialist).json()
     assert listed["total"] == 0
     assert world.read(world.clinician).json()["status"] == "cancelled"
+    final = world.patch([{"op": "replace", "path": "/priority", "value": "stat"}], world.ehr)
+    assert "final" in _outcome(final, 409)["issue"][0]["diagnostics"]
 
 
 def test_reject_by_a_specialist(world: World) -> None:
