@@ -38,8 +38,8 @@ from sqlalchemy.orm import Session
 
 from fhir_api import mhd
 from fhir_api.outcome import (
-    FHIR_JSON,
     FhirError,
+    check_content_type,
     check_format,
     error_response,
     fhir_json,
@@ -588,9 +588,7 @@ def _batch(
 async def process_bundle(request: Request, principal: Principal, hub: Hub) -> Response:
     """A transaction or batch Bundle; answers the response Bundle."""
     check_format(request)
-    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if kind not in ("application/fhir+json", "application/json"):
-        raise FhirError(415, f"Content-Type must be {FHIR_JSON}, not {kind or 'missing'!r}")
+    check_content_type(request)
     body = await read_body(request, hub.settings.fhir_max_body_bytes)
     try:
         bundle = json.loads(body)

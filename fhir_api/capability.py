@@ -7,6 +7,7 @@ from typing import Any, Final
 from fhir_api import audit_events, imaging_study, subscriptions
 from fhir_api.search import PARAMS
 from fhir_api.tasks import INCLUDES as TASK_INCLUDES
+from fhir_api.tasks import INTERACTIONS as TASK_INTERACTIONS
 from fhir_api.tasks import SEARCH_PARAMS as TASK_PARAMS
 from saf.auth_http import TOKEN_PATH
 from saf.fhir_store import STORED_TYPES
@@ -63,11 +64,15 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
     resources.append(
         {
             "type": "Task",
-            "documentation": "A case: its status is the case status. Read and search only.",
-            "versioning": "versioned",
+            "documentation": "A case: its status is the case status. Update and patch "
+            "(JSON Patch) change status, owner (Practitioner/<username>) and priority only; "
+            'completed comes with the reply (DiagnosticReport). If-Match: W/"n" is '
+            "honoured (412 on mismatch); without it the write is unconditional.",
+            "versioning": "versioned-update",
             "readHistory": False,
             "updateCreate": False,
-            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "conditionalUpdate": False,
+            "interaction": [{"code": code} for code in TASK_INTERACTIONS],
             "searchParam": [
                 {"name": name, "type": _TASK_PARAM_TYPES[name]} for name in TASK_PARAMS
             ],

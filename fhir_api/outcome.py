@@ -54,6 +54,33 @@ def check_format(request: Request) -> None:
         raise FhirError(406, f"cannot answer in {wanted!r}; this server speaks {FHIR_JSON}")
 
 
+BODY_TYPES: Final = (FHIR_JSON, "application/json")
+"""Content-Types of a FHIR JSON request body."""
+
+JSON_PATCH: Final = "application/json-patch+json"
+"""Content-Type of a JSON Patch (RFC 6902) body (the FHIR patch interaction)."""
+
+
+def check_content_type(request: Request, accepted: tuple[str, ...] = BODY_TYPES) -> str:
+    """The request's media type when it is one of `accepted`; 415 otherwise."""
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if kind not in accepted:
+        raise FhirError(415, f"Content-Type must be {accepted[0]}, not {kind or 'missing'!r}")
+    return kind
+
+
+def if_match(request: Request) -> int | None:
+    """The version an ``If-Match: W/"<n>"`` header names; None without the header (the
+    write is then unconditional, as HAPI FHIR does); 400 for anything but a version ETag."""
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    text = header.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise FhirError(400, f'If-Match must be an ETag such as W/"3", not {header!r}')
+    return int(text)
+
+
 class FhirError(Exception):
     """A refused request: HTTP status, FHIR issue type, diagnostics and locations."""
 

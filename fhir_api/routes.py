@@ -25,8 +25,10 @@ from fhir_api.outcome import (
     FHIR_JSON,
     FhirError,
     FhirRoute,
+    check_content_type,
     check_format,
     fhir_json,
+    if_match,
     issue,
     operation_outcome,
 )
@@ -52,12 +54,6 @@ def _rules(request: Request, hub: Hub) -> RuleSet:
 def _base(request: Request, hub: Hub) -> str:
     root = hub.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
     return root.rstrip("/") + "/fhir"
-
-
-def _check_content_type(request: Request) -> None:
-    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if kind not in ("application/fhir+json", "application/json"):
-        raise FhirError(415, f"Content-Type must be {FHIR_JSON}, not {kind or 'missing'!r}")
 
 
 def _type(resource_type: str) -> str:
@@ -135,16 +131,6 @@ def _prefer_minimal(request: Request) -> bool:
     return "return=minimal" in (request.headers.get("prefer") or "")
 
 
-def _if_match(request: Request) -> int | None:
-    header = request.headers.get("if-match")
-    if header is None:
-        return None
-    text = header.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
-        raise FhirError(400, f'If-Match must be an ETag such as W/"3", not {header!r}')
-    return int(text)
-
-
 def _resource_response(
     base: str, stored: Stored, status: int, request: Request, *, location: bool = False
 ) -> Response:
@@ -165,7 +151,8 @@ def metadata(request: Request, hub: HubDep) -> Response:
     return fhir_json(capability_statement(_base(request, hub), hub))
 
 
-# Task (a case, read and search) before the generic routes, which would take /fhir/Task.
+# Task (a case: read, search, update, patch) before the generic routes, which would take
+# /fhir/Task.
 router.include_router(tasks.router)
 router.include_router(subscriptions.router)
 router.include_router(imaging_study.router)
@@ -297,7 +284,7 @@ async def create(
     check_format(request)
     resource_type = _type(resource_type)
     _allowed(principal, request, hub, resource_type, "c")
-    _check_content_type(request)
+    check_content_type(request)
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), resource_type)
     if problems := mhd.check_mhd(content, ""):
         raise FhirError(400, "the resource lacks what its MHD profile requires", issues=problems)
@@ -374,7 +361,7 @@ async def update(
     check_format(request)
     resource_type = _type(resource_type)
     _allowed(principal, request, hub, resource_type, "u")
-    _check_content_type(request)
+    check_content_type(request)
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), resource_type)
     if content.get("id") != resource_id:
         raise FhirError(
@@ -382,9 +369,11 @@ async def update(
             f"the body's id {content.get('id')!r} is not the URL's {resource_id!r}",
             expression=[f"{resource_type}.id"],
         )
-    if_match = _if_match(request)
+    wanted_version = if_match(request)
     with _audited(hub, "update", principal, resource_type, resource_id):
-        stored = fhir_store.update(hub, principal, content, _rules(request, hub), if_match=if_match)
+        stored = fhir_store.update(
+            hub, principal, content, _rules(request, hub), if_match=wanted_version
+        )
     _audit(
         hub,
         "update",

@@ -16,7 +16,14 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 
-from fhir_api.outcome import FHIR_JSON, FhirError, FhirRoute, check_format, fhir_json, issue
+from fhir_api.outcome import (
+    FhirError,
+    FhirRoute,
+    check_content_type,
+    check_format,
+    fhir_json,
+    issue,
+)
 from fhir_api.outcome import operation_outcome as outcome
 from fhir_api.resources import parse, read_body
 from fhir_api.search import COUNT_DEFAULT, COUNT_MAX
@@ -71,12 +78,6 @@ CAPABILITY: Final[dict[str, Any]] = {
 def _base(request: Request, hub: Hub) -> str:
     root = hub.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
     return root.rstrip("/") + "/fhir"
-
-
-def _check_content_type(request: Request) -> None:
-    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if kind not in ("application/fhir+json", "application/json"):
-        raise FhirError(415, f"Content-Type must be {FHIR_JSON}, not {kind or 'missing'!r}")
 
 
 def _audit(
@@ -137,7 +138,7 @@ async def create_subscription(
     so its status is already ``active`` (or ``error``, with the reason in ``error``)."""
     check_format(request)
     require_scope("Subscription", "c")(principal, request, hub)
-    _check_content_type(request)
+    check_content_type(request)
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), "Subscription")
     with _refusals(hub, "create", principal, None):
         resource = subscriptions.create(hub, principal, content)
@@ -216,7 +217,7 @@ async def update_subscription(
     """Replace a subscription (a new version; the handshake runs again unless it is off)."""
     check_format(request)
     require_scope("Subscription", "u")(principal, request, hub)
-    _check_content_type(request)
+    check_content_type(request)
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), "Subscription")
     if content.get("id") != subscription_id:
         raise FhirError(

@@ -5,8 +5,20 @@ state. ``Task.id`` is the case id; ``versionId`` counts the case's events (each 
 change, routing or claim is one); ``basedOn`` lists the referrals (ServiceRequests) that
 joined the case, ``for`` the FHIR Patient of its patient when a client sent one,
 ``performerType`` the worklist (system `WORKLIST_SYSTEM`), ``owner`` the specialist who
-claimed it (by username), ``restriction.period.end`` the due time. Changing a Task (claim,
-progress, reply) is the viewer's and the workers' business for now: read and search only.
+claimed it (``Practitioner/<username>``: saf's user names the practitioner),
+``restriction.period.end`` the due time.
+
+Update (``PUT``) and patch (``PATCH``, JSON Patch, ``application/json-patch+json``) change
+what a client may change of a case, and nothing else: ``status`` (claim = ``accepted``,
+``in-progress``, ``on-hold``, release = ``requested``, ``rejected``, ``cancelled``),
+``owner`` (hand over to another specialist of the worklist) and ``priority``; saf.cases
+.update_task decides who may do which and applies it through the same steps as the
+viewer's claim. ``completed`` is refused (a reply completes a consult); a change of any
+other element is refused (422, with the element's FHIRPath); ``meta``, ``text`` and
+``lastModified`` in a body are ignored (the server keeps them). ``If-Match: W/"n"`` must
+name the current version (else 412); without it the write is unconditional, as on HAPI
+FHIR (the state machine still refuses a second claim). The answer is the new Task with
+``ETag``, ``Last-Modified`` and ``Location``.
 
 Search: ``_id``, ``status``, ``priority``, ``owner`` (a username), ``performer-type``
 (the worklist code, optionally ``system|code``), ``_lastUpdated``, ``_count``,
@@ -18,28 +30,36 @@ patients of the page's Tasks, in one Bundle, as a worklist screen needs them.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any, Final
 from urllib.parse import urlencode
 
+import jsonpatch
+import jsonpointer
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from fhir_api.outcome import (
+    JSON_PATCH,
     FhirError,
     FhirRoute,
+    check_content_type,
     check_format,
     fhir_json,
+    if_match,
     issue,
     operation_outcome,
 )
+from fhir_api.resources import parse, read_body, rules_of, validate
 from fhir_api.search import COUNT_DEFAULT, COUNT_MAX, SearchError, last_updated_bounds
-from saf import audit, fhir_store, tenancy
+from saf import audit, cases, fhir_store, tenancy
 from saf.deps import CurrentPrincipal, HubDep, require_scope
 from saf.hub import Hub
 from saf.identity import Principal
-from saf.models import Case, CaseEvent, FhirResource
+from saf.models import Case, FhirResource
 
 router = APIRouter(tags=["fhir"], route_class=FhirRoute)
 
@@ -58,13 +78,28 @@ INCLUDES: Final = {
 """``_include`` values served, with the Task element each follows."""
 
 
+INTERACTIONS: Final = ("read", "search-type", "update", "patch")
+"""Task interactions served (the CapabilityStatement lists exactly these)."""
+
+PRACTITIONER: Final = "Practitioner/"
+"""Task.owner is ``Practitioner/<username>`` of the specialist who has the case."""
+
+CHANGEABLE: Final = ("status", "owner", "priority")
+"""Task elements a client may change (update, patch); see saf.cases.update_task."""
+
+SERVER_KEPT: Final = ("meta", "text", "lastModified")
+"""Task elements the server keeps: ignored in an update's body."""
+
+PATCH_OPS: Final = ("add", "remove", "replace", "move", "copy", "test")
+"""JSON Patch (RFC 6902) operations."""
+
+
 def _instant(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any]:
     """The Task resource of a case the caller sees (links only to what it also sees)."""
-    versions = session.scalar(select(func.count()).where(CaseEvent.case_id == case.id)) or 0
     visible = tenancy.visible_fhir_resources(principal).where(FhirResource.deleted.is_(False))
     referrals = session.scalars(
         visible.where(
@@ -79,7 +114,10 @@ def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any
     task: dict[str, Any] = {
         "resourceType": "Task",
         "id": case.id,
-        "meta": {"versionId": str(max(1, int(versions))), "lastUpdated": _instant(case.updated_at)},
+        "meta": {
+            "versionId": str(cases.version_of(session, case.id)),
+            "lastUpdated": _instant(case.updated_at),
+        },
         "status": case.status,
         "intent": "order",
         "priority": case.priority,
@@ -96,7 +134,10 @@ def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any
     if case.specialty:
         task["performerType"] = [{"coding": [{"system": WORKLIST_SYSTEM, "code": case.specialty}]}]
     if case.assigned_to:
-        task["owner"] = {"display": case.assigned_to}
+        task["owner"] = {
+            "reference": f"{PRACTITIONER}{case.assigned_to}",
+            "display": case.assigned_to,
+        }
     return task
 
 
@@ -273,3 +314,219 @@ def read_task(task_id: str, request: Request, principal: CurrentPrincipal, hub: 
         patient_pk=case.patient_pk,
     )
     return fhir_json(task, headers={"ETag": f'W/"{task["meta"]["versionId"]}"'})
+
+
+# --------------------------------------------------------------------------- update, patch
+
+
+@router.put("/Task/{task_id}")
+async def update_task(
+    task_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
+) -> Response:
+    """Update a Task: its status, owner and priority (the rest must be as read)."""
+    check_format(request)
+    require_scope("Task", "u")(principal, request, hub)
+    check_content_type(request)
+    version = if_match(request)
+    case, current = _current(hub, principal, task_id)
+    wanted = parse(await read_body(request, hub.settings.fhir_max_body_bytes), "Task")
+    return _apply(request, hub, principal, case, current, wanted, version, "update")
+
+
+@router.patch("/Task/{task_id}")
+async def patch_task(
+    task_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
+) -> Response:
+    """Patch a Task with JSON Patch (RFC 6902): the same changes as an update."""
+    check_format(request)
+    require_scope("Task", "u")(principal, request, hub)
+    check_content_type(request, (JSON_PATCH,))
+    version = if_match(request)
+    case, current = _current(hub, principal, task_id)
+    body = await read_body(request, hub.settings.fhir_max_body_bytes)
+    wanted = _patched(current, body)
+    validate(wanted, "Task")
+    return _apply(request, hub, principal, case, current, wanted, version, "patch")
+
+
+def _current(hub: Hub, principal: Principal, task_id: str) -> tuple[Case, dict[str, Any]]:
+    """The case and its Task as the caller reads it; 404 (audited) when not theirs."""
+    with hub.sessions() as session:
+        case = tenancy.get_case(session, principal, task_id)
+        task = task_of(session, principal, case) if case is not None else None
+    if case is None or task is None:
+        audit.record(
+            hub,
+            "update",
+            principal,
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Task",
+            entity_id=task_id[:64],
+            detail="not found or not visible to the caller",
+        )
+        raise FhirError(404, f"Task/{task_id} is not known")
+    return case, task
+
+
+def _patched(current: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """`current` with the JSON Patch in `body` applied; 400 naming the bad operation."""
+    try:
+        ops = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise FhirError(400, f"malformed JSON Patch: {exc}") from None
+    if not isinstance(ops, list) or not ops:
+        raise FhirError(400, "a JSON Patch is a non-empty array of operations")
+    for n, op in enumerate(ops):
+        if not isinstance(op, dict) or op.get("op") not in PATCH_OPS:
+            name = op.get("op") if isinstance(op, dict) else op
+            raise FhirError(
+                400,
+                f"operation {n}: {name!r} is not a JSON Patch operation "
+                f"(one of {', '.join(PATCH_OPS)})",
+            )
+        if not isinstance(op.get("path"), str):
+            raise FhirError(400, f"operation {n} ({op['op']}) has no path")
+    try:
+        patched = jsonpatch.JsonPatch(ops).apply(current, in_place=False)
+    except jsonpatch.JsonPatchTestFailed as exc:
+        raise FhirError(409, f"JSON Patch test failed: {exc}", code="conflict") from None
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+        raise FhirError(400, f"the JSON Patch cannot be applied: {exc}") from None
+    if not isinstance(patched, dict):
+        raise FhirError(400, "the JSON Patch replaced the whole Task")
+    return patched
+
+
+def _state(task_id: str, current: dict[str, Any], wanted: dict[str, Any]) -> cases.TaskState:
+    """The case state a new Task asks for; 400/422 for a body that changes anything else."""
+    if wanted.get("id") != task_id:
+        raise FhirError(
+            400,
+            f"the body's id {wanted.get('id')!r} is not the URL's {task_id!r}",
+            expression=["Task.id"],
+        )
+    frozen = sorted(
+        name
+        for name in {*current, *wanted} - {*CHANGEABLE, *SERVER_KEPT}
+        if current.get(name) != wanted.get(name)
+    )
+    if frozen:
+        issues = [
+            issue(
+                "business-rule",
+                f"Task.{name} cannot be changed here: only {', '.join(CHANGEABLE)} can"
+                + (
+                    " (a note to the clinic is a Communication about the Task)"
+                    if name == "note"
+                    else ""
+                ),
+                [f"Task.{name}"],
+            )
+            for name in frozen
+        ]
+        raise FhirError(422, "the update changes elements that are not the client's", issues=issues)
+    owner = wanted.get("owner")
+    username: str | None = None
+    if owner is not None:
+        reference = owner.get("reference") if isinstance(owner, dict) else None
+        if not isinstance(reference, str) or not reference.startswith(PRACTITIONER):
+            raise FhirError(
+                422,
+                "Task.owner must be a reference Practitioner/<username>",
+                code="business-rule",
+                expression=["Task.owner"],
+            )
+        username = reference.removeprefix(PRACTITIONER)
+    return cases.TaskState(
+        status=str(wanted.get("status")),
+        owner=username,
+        priority=str(wanted.get("priority") or current["priority"]),
+    )
+
+
+_STATUS_OF_REFUSAL: Final[tuple[tuple[type[cases.CaseError], int, str], ...]] = (
+    (cases.PreconditionFailed, 412, "conflict"),
+    (cases.NotPermitted, 403, "forbidden"),
+    (cases.NotSettable, 422, "business-rule"),
+    (cases.CaseError, 409, "conflict"),  # illegal transitions, claimed or changed meanwhile
+)
+
+
+def _apply(
+    request: Request,
+    hub: Hub,
+    principal: Principal,
+    case: Case,
+    current: dict[str, Any],
+    wanted: dict[str, Any],
+    version: int | None,
+    how: str,
+) -> Response:
+    def refuse(exc: Exception, status: int, code: str, expression: list[str] | None) -> FhirError:
+        audit.record(
+            hub,
+            "update",
+            principal,
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Task",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            patient_pk=case.patient_pk,
+            detail=f"{how} refused: {status} {type(exc).__name__}",
+        )
+        return FhirError(status, str(exc), code=code, expression=expression)
+
+    try:
+        state = _state(case.id, current, wanted)
+    except FhirError as exc:
+        audit.record(
+            hub,
+            "update",
+            principal,
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Task",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            patient_pk=case.patient_pk,
+            detail=f"{how} refused: {exc.status}",
+        )
+        raise
+    try:
+        changed = cases.update_task(
+            hub, principal, case.id, state, if_match=version, rules=rules_of(request, hub)
+        )
+    except cases.CaseError as exc:
+        for kind, status, code in _STATUS_OF_REFUSAL:
+            if isinstance(exc, kind):
+                element = exc.element if isinstance(exc, cases.NotSettable) else "Task.status"
+                where = None if status in (403, 412) else [element]
+                raise refuse(exc, status, code, where) from None
+        raise
+    with hub.sessions() as session:
+        fresh = session.get_one(Case, case.id)
+        task = task_of(session, principal, fresh)
+    before = (case.status, case.priority, case.assigned_to)
+    after = (fresh.status, fresh.priority, fresh.assigned_to)
+    steps = [
+        f"{name} {old} -> {new}"
+        for name, old, new in zip(("status", "priority", "owner"), before, after, strict=True)
+        if old != new
+    ]
+    audit.record(
+        hub,
+        "update",
+        principal,
+        entity_type="Task",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        patient_pk=case.patient_pk,
+        detail=f"{how}: version {task['meta']['versionId']}; "
+        + ("; ".join(steps) if changed and steps else "no change"),
+    )
+    base = _base(request, hub)
+    headers = {
+        "ETag": f'W/"{task["meta"]["versionId"]}"',
+        "Last-Modified": format_datetime(fresh.updated_at.astimezone(UTC), usegmt=True),
+        "Location": f"{base}/Task/{case.id}",
+    }
+    return fhir_json(task, 200, headers)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal, cast
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from saf.db import transaction
 from saf.hub import Hub
+from saf.identity import Principal
 from saf.models import (
     Case,
     CaseEvent,
@@ -24,6 +25,7 @@ from saf.models import (
     Patient,
     Series,
     Study,
+    User,
     utcnow,
 )
 from saf.routing import CaseFacts, RuleSet
@@ -370,44 +372,52 @@ def _case_facts(session: Session, target: Case) -> CaseFacts:
 def transition(hub: Hub, case_id: str, to: TaskStatus, *, actor: str, note: str = "") -> TaskStatus:
     """Move a case to `to` if the state machine allows it from its current status."""
     with transaction(hub.sessions) as session:
-        current = session.scalar(select(Case.status).where(Case.id == case_id))
-        if current is None:
-            raise CaseError(f"no case {case_id}")
-        before = TaskStatus(current)
-        if to not in ALLOWED[before]:
-            raise IllegalTransition(f"case {case_id}: {before} -> {to} is not allowed")
-        changes: dict[str, object] = {"status": to, "updated_at": utcnow()}
-        if to is TaskStatus.REQUESTED:
-            changes["assigned_to"] = None  # released
-        done = session.execute(
-            update(Case).where(Case.id == case_id, Case.status == before).values(**changes)
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise CaseError(f"case {case_id} changed meanwhile; try again")
-        _record(session, case_id, actor, before, to, note)
+        _transition_in(session, case_id, to, actor=actor, note=note)
     return to
+
+
+def _transition_in(
+    session: Session, case_id: str, to: TaskStatus, *, actor: str, note: str
+) -> None:
+    current = session.scalar(select(Case.status).where(Case.id == case_id))
+    if current is None:
+        raise CaseError(f"no case {case_id}")
+    before = TaskStatus(current)
+    if to not in ALLOWED[before]:
+        raise IllegalTransition(f"case {case_id}: {before} -> {to} is not allowed")
+    changes: dict[str, object] = {"status": to, "updated_at": utcnow()}
+    if to is TaskStatus.REQUESTED:
+        changes["assigned_to"] = None  # released
+    done = session.execute(
+        update(Case).where(Case.id == case_id, Case.status == before).values(**changes)
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise CaseError(f"case {case_id} changed meanwhile; try again")
+    _record(session, case_id, actor, before, to, note)
 
 
 def claim(hub: Hub, case_id: str, specialist: str) -> None:
     """Give the case to `specialist` (status accepted); a second claim is refused."""
     with transaction(hub.sessions) as session:
-        row = session.execute(
-            select(Case.status, Case.assigned_to).where(Case.id == case_id)
-        ).first()
-        if row is None:
-            raise CaseError(f"no case {case_id}")
-        status, owner = row
-        if owner is not None or status not in CLAIMABLE:
-            reason = f"claimed by {owner}" if owner else f"status is {status}"
-            raise ClaimRefused(f"case {case_id} cannot be claimed: {reason}")
-        done = session.execute(
-            update(Case)
-            .where(Case.id == case_id, Case.assigned_to.is_(None), Case.status == status)
-            .values(status=TaskStatus.ACCEPTED, assigned_to=specialist, updated_at=utcnow())
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise ClaimRefused(f"case {case_id} cannot be claimed: claimed meanwhile")
-        _record(session, case_id, specialist, status, TaskStatus.ACCEPTED, "claimed")
+        _claim_in(session, case_id, specialist)
+
+
+def _claim_in(session: Session, case_id: str, specialist: str) -> None:
+    row = session.execute(select(Case.status, Case.assigned_to).where(Case.id == case_id)).first()
+    if row is None:
+        raise CaseError(f"no case {case_id}")
+    status, owner = row
+    if owner is not None or status not in CLAIMABLE:
+        reason = f"claimed by {owner}" if owner else f"status is {status}"
+        raise ClaimRefused(f"case {case_id} cannot be claimed: {reason}")
+    done = session.execute(
+        update(Case)
+        .where(Case.id == case_id, Case.assigned_to.is_(None), Case.status == status)
+        .values(status=TaskStatus.ACCEPTED, assigned_to=specialist, updated_at=utcnow())
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise ClaimRefused(f"case {case_id} cannot be claimed: claimed meanwhile")
+    _record(session, case_id, specialist, status, TaskStatus.ACCEPTED, "claimed")
 
 
 def worklist(hub: Hub, specialty: str, *, limit: int = 50, offset: int = 0) -> list[WorklistItem]:
@@ -482,3 +492,227 @@ def _record(
                 payload={"case_id": case_id, "from": before, "to": after, "actor": actor},
             )
         )
+
+
+# --------------------------------------------------------------------------- Task updates
+
+CLIENT_STATUSES = frozenset(
+    {
+        TaskStatus.REQUESTED,  # released back to the worklist
+        TaskStatus.ACCEPTED,  # claimed
+        TaskStatus.IN_PROGRESS,
+        TaskStatus.ON_HOLD,
+        TaskStatus.REJECTED,
+        TaskStatus.CANCELLED,
+    }
+)
+"""Statuses a client may set on a Task (FHIR update/patch). `completed` comes only with
+a reply (a final DiagnosticReport, saf.fhir_store), `failed` and `received` only from
+the hub."""
+
+
+class PreconditionFailed(CaseError):
+    """The version the caller last saw (``If-Match``) is not the case's current one."""
+
+
+class NotPermitted(CaseError):
+    """The caller sees the case but may not make this change (who may is in the message)."""
+
+
+class NotSettable(CaseError):
+    """A value a client may never set this way; `element` is its FHIRPath (``Task.status``)."""
+
+    def __init__(self, message: str, element: str) -> None:
+        super().__init__(message)
+        self.element = element
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What a client may change of a case through its Task: the whole wanted state."""
+
+    status: str
+    owner: str | None
+    """Username of the specialist who has the case (``Task.owner``), None for nobody."""
+    priority: str
+
+
+def version_of(session: Session, case_id: str) -> int:
+    """The case's Task version: how many events it has had (at least 1)."""
+    count = session.scalar(select(func.count()).where(CaseEvent.case_id == case_id)) or 0
+    return max(1, int(count))
+
+
+def update_task(
+    hub: Hub,
+    principal: Principal,
+    case_id: str,
+    wanted: TaskState,
+    *,
+    if_match: int | None = None,
+    rules: RuleSet | None = None,
+) -> bool:
+    """Bring a case to the `wanted` state a client asked for through its Task, in one
+    transaction, through the same steps the viewer and the workers use (`claim`, the state
+    machine of `transition`); returns whether anything changed.
+
+    Who may do what (tenancy has already decided the caller sees the case):
+    - claim (requested/received -> accepted, owner = the caller): a specialist of the
+      case's worklist; releasing it (accepted -> requested, no owner), starting
+      (in-progress), holding (on-hold) and handing it over to another specialist of the
+      worklist (owner): the specialist who has it;
+    - rejected: a specialist of the worklist, while nobody else has the case;
+    - cancelled: the requesting clinic (its clinicians and EHR clients);
+    - priority: the requesting clinic, or the specialist who has the case (triage); the
+      due time follows, and an unclaimed case is routed again;
+    - completed: nobody; a reply completes a consult.
+    `if_match` (the version of an ``If-Match`` ETag) must be the current version.
+    """
+    from saf import tenancy  # tenancy builds on this module's statuses
+
+    actor = principal.name or principal.id
+    with transaction(hub.sessions) as session:
+        # Lock the case first (a row lock on PostgreSQL, the write lock on SQLite), so the
+        # version compared below is the one this transaction changes.
+        locked = session.execute(
+            update(Case).where(Case.id == case_id).values(updated_at=Case.updated_at)
+        )
+        if locked.rowcount != 1:  # type: ignore[attr-defined]
+            raise CaseError(f"no case {case_id}")
+        current = session.execute(
+            select(Case).where(Case.id == case_id).execution_options(populate_existing=True)
+        ).scalar_one()
+        version = version_of(session, case_id)
+        if if_match is not None and if_match != version:
+            raise PreconditionFailed(
+                f"Task/{case_id}: If-Match names version {if_match}, the current version is "
+                f"{version}; read it again and reapply the change"
+            )
+        system = tenancy.sees_everything(principal)
+        clinic = system or (
+            tenancy.acts_for_clinic(principal) and principal.clinic_id == current.clinic_id
+        )
+        specialist = (
+            tenancy.can_claim(principal) and current.specialty in principal.specialties
+        ) or system
+        has_it = system or (current.assigned_to is not None and current.assigned_to == actor)
+        changed = False
+        status = TaskStatus(current.status)
+        if wanted.status != status:
+            to = _client_status(wanted.status)
+            if to not in ALLOWED[status]:
+                raise IllegalTransition(f"Task/{case_id}: {status} -> {to} is not allowed")
+            if to is TaskStatus.ACCEPTED and status in CLAIMABLE:
+                if not specialist:
+                    raise NotPermitted("only a specialist of the case's worklist can claim it")
+                if wanted.owner not in (None, actor):
+                    raise NotSettable(
+                        f"a claim makes the caller the owner: Practitioner/{actor}", "Task.owner"
+                    )
+                _claim_in(session, case_id, actor)
+                wanted = replace(wanted, owner=actor)  # a claim names its owner
+            else:
+                if to is TaskStatus.CANCELLED and not clinic:
+                    raise NotPermitted(
+                        "only the requesting clinic cancels its consult (a specialist rejects it)"
+                    )
+                if to is TaskStatus.REJECTED and not (
+                    specialist and current.assigned_to in (None, actor)
+                ):
+                    raise NotPermitted(
+                        "only a specialist of the worklist rejects a case nobody else has"
+                    )
+                if to not in (TaskStatus.CANCELLED, TaskStatus.REJECTED) and not has_it:
+                    raise NotPermitted(f"only the specialist who has the case can set {to}")
+                if to is TaskStatus.REQUESTED and wanted.owner is not None:
+                    raise NotSettable("a case released to the worklist has no owner", "Task.owner")
+                _transition_in(session, case_id, to, actor=actor, note=f"Task {to}")
+            changed = True
+        owner = session.scalar(select(Case.assigned_to).where(Case.id == case_id))
+        if wanted.owner != owner:
+            if wanted.owner is None:
+                raise NotSettable(
+                    "to give a case back to the worklist, set status requested", "Task.owner"
+                )
+            if owner is None:
+                raise NotSettable(
+                    "to claim a case, set status accepted (owner: yourself)", "Task.status"
+                )
+            if not has_it:
+                raise NotPermitted("only the specialist who has the case can hand it over")
+            _hand_over(session, current, wanted.owner, actor)
+            changed = True
+        if wanted.priority != current.priority:
+            if wanted.priority not in PRIORITY_ORDER:
+                raise NotSettable(
+                    f"priority {wanted.priority!r}: one of {', '.join(PRIORITY_ORDER)}",
+                    "Task.priority",
+                )
+            if not (clinic or has_it):
+                raise NotPermitted(
+                    "only the requesting clinic or the specialist who has the case sets priority"
+                )
+            now = session.scalar(select(Case.status).where(Case.id == case_id))
+            if now not in OPEN:
+                raise IllegalTransition(f"Task/{case_id} is {now}: its priority is final")
+            _reprioritise(hub, session, case_id, wanted.priority, actor, rules)
+            changed = True
+    return changed
+
+
+def _client_status(value: str) -> TaskStatus:
+    try:
+        to = TaskStatus(value)
+    except ValueError:
+        raise NotSettable(f"{value!r} is not a Task status", "Task.status") from None
+    if to is TaskStatus.COMPLETED:
+        raise NotSettable(
+            "a consult is completed only by its reply: a final DiagnosticReport about the "
+            "case (basedOn its ServiceRequest), or signing the reply in the viewer",
+            "Task.status",
+        )
+    if to not in CLIENT_STATUSES:
+        raise NotSettable(f"status {to} is set by the hub, not by clients", "Task.status")
+    return to
+
+
+def _hand_over(session: Session, current: Case, username: str, actor: str) -> None:
+    """Give a claimed case to another specialist of its worklist."""
+    user = session.scalar(select(User).where(User.username == username))
+    if (
+        user is None
+        or user.disabled_at is not None
+        or user.role != "specialist"
+        or current.specialty not in (user.specialties or [])
+    ):
+        raise NotSettable(
+            f"Practitioner/{username} is not an active specialist of worklist "
+            f"{current.specialty!r}",
+            "Task.owner",
+        )
+    session.execute(
+        update(Case).where(Case.id == current.id).values(assigned_to=username, updated_at=utcnow())
+    )
+    _record(session, current.id, actor, current.status, current.status, f"handed to {username}")
+
+
+def _reprioritise(
+    hub: Hub,
+    session: Session,
+    case_id: str,
+    priority: Priority,
+    actor: str,
+    rules: RuleSet | None,
+) -> None:
+    """A new priority and the due time that follows; an unclaimed case is routed again."""
+    target = session.get_one(Case, case_id, populate_existing=True)
+    before = target.priority
+    target.priority = priority
+    target.due_at = due_at(hub, priority, target.created_at)
+    target.updated_at = utcnow()
+    session.flush()
+    _record(
+        session, case_id, actor, target.status, target.status, f"priority {before} -> {priority}"
+    )
+    if rules is not None:
+        _reroute(hub, session, target, rules)

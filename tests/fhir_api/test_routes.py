@@ -456,7 +456,7 @@ def test_task_is_the_case(api: Api) -> None:
 
     claim(api.hub, case.id, "dr.w")
     claimed = api.client.get(f"/fhir/Task/{case.id}", headers=worklist).json()
-    assert claimed["status"] == "accepted" and claimed["owner"] == {"display": "dr.w"}
+    assert claimed["status"] == "accepted" and claimed["owner"]["reference"] == "Practitioner/dr.w"
     assert int(claimed["meta"]["versionId"]) > int(body["meta"]["versionId"])
 
 

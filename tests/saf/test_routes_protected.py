@@ -22,6 +22,7 @@ parameter name not in PARAMS fails the suite until someone adds it there.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ BODIES: dict[tuple[str, str], Callable[[Target], tuple[bytes, str]]] = {
 
 
 def _json(make: Callable[[Target], object]) -> Callable[[Target], tuple[bytes, str]]:
-    import json
-
     return lambda t: (json.dumps(make(t)).encode(), "application/json")
 
 
@@ -217,6 +216,8 @@ class Target:
     """An audit record (admins read the trail at /fhir/AuditEvent)."""
     binary_id: str = ""
     """Clinic B's FHIR Binary (a referral letter's bytes; fhir_api.mhd)."""
+    task: Callable[[], dict[str, Any]] = dict
+    """The case's Task as it is now (a Task update sends it back changed)."""
 
 
 def _target(hub: Hub, world: World) -> Target:
@@ -251,7 +252,17 @@ def _target(hub: Hub, world: World) -> Target:
         subscription_id=add_subscription(hub, world),
         audit_event_id=str(audit.record(hub, "config", audit.Actor("system", "saf", "saf"))),
         binary_id=_binary(hub, world),
+        task=lambda: _task(hub, case.id),
     )
+
+
+def _task(hub: Hub, case_id: str) -> dict[str, Any]:
+    """The case's Task as its clinic reads it now."""
+    from fhir_api.tasks import task_of
+    from saf.identity import SYSTEM
+
+    with hub.sessions() as session:
+        return task_of(session, SYSTEM, session.get_one(Case, case_id))
 
 
 def _binary(hub: Hub, world: World) -> str:
@@ -305,6 +316,22 @@ BODIES.update(
             b'{"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient", '
             b'"identifier": [{"system": "urn:walker", "value": "W1"}]}}]}',
             "application/fhir+json",
+        ),
+    }
+)
+
+
+# Task update and patch (fhir_api.tasks): the clinic raises the priority, which it may do
+# whatever the case's state (the claim may have run first).
+BODIES.update(
+    {
+        ("PUT", "/fhir/Task/{task_id}"): lambda t: (
+            json.dumps({**t.task(), "priority": "stat"}).encode(),
+            "application/fhir+json",
+        ),
+        ("PATCH", "/fhir/Task/{task_id}"): lambda t: (
+            b'[{"op": "replace", "path": "/priority", "value": "urgent"}]',
+            "application/json-patch+json",
         ),
     }
 )
@@ -593,6 +620,8 @@ def test_every_route_refuses_every_caller_it_must(setup: Setup) -> None:
     walked = {e.path for e in walk(app.routes)} - PUBLIC_PATHS
     assert {"/api/cases/{case_id}", "/api/audit", "/api/studies/{study_id}"} <= walked
     assert {"/fhir/{resource_type}", "/fhir/{resource_type}/{resource_id}"} <= walked
+    methods = {(e.method, e.path) for e in walk(app.routes)}
+    assert {("PUT", "/fhir/Task/{task_id}"), ("PATCH", "/fhir/Task/{task_id}")} <= methods
 
 
 def test_every_attempt_is_audited(setup: Setup) -> None:
@@ -613,6 +642,11 @@ def test_every_attempt_is_audited(setup: Setup) -> None:
     assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.series_id)
     assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.instance_id)
     assert seen(event="update", outcome=audit.SUCCESS, entity_id=target.case_id)  # the claim
+    task_updates = seen(event="update", entity_type="Task", entity_id=target.case_id)
+    assert {r.detail.split(":")[0] for r in task_updates if r.outcome == audit.SUCCESS} == {
+        "update",
+        "patch",
+    }
     assert seen(event="read", outcome=audit.SUCCESS, entity_id=target.service_request_id)
     assert seen(event="delete", outcome=audit.SUCCESS, entity_id=target.service_request_id)
     for who in (setup.people.clinician_a, setup.people.derm):
