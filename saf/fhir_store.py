@@ -1334,23 +1334,25 @@ def _between(op: str, at: datetime) -> ColumnElement[bool]:
 def _token_clause(
     param: str, alternatives: Sequence[tuple[str | None, str | None]]
 ) -> ColumnElement[bool]:
+    # ``id IN (SELECT resource_id ...)``, not a correlated EXISTS: with no table statistics
+    # (SQLite always, PostgreSQL before autovacuum's first ANALYZE) the planner turns an
+    # EXISTS into a scan of every resource of the type; the IN form starts from the
+    # (param, value) index whatever the statistics say.
     options = []
     for system, value in alternatives:
-        conds = [FhirToken.resource_id == FhirResource.id, FhirToken.param == param]
+        conds = [FhirToken.param == param]
         if system is not None:
             conds.append(FhirToken.system == system)
         if value is not None:
             conds.append(FhirToken.value == value)
         options.append(and_(*conds))
-    return select(FhirToken.id).where(or_(*options)).exists()
+    return FhirResource.id.in_(select(FhirToken.resource_id).where(or_(*options)))
 
 
 def _date_clause(op: str, at: str) -> ColumnElement[bool]:
     value = FhirToken.value >= at if op == "ge" else FhirToken.value < at
-    return (
-        select(FhirToken.id)
-        .where(FhirToken.resource_id == FhirResource.id, FhirToken.param == "date", value)
-        .exists()
+    return FhirResource.id.in_(
+        select(FhirToken.resource_id).where(FhirToken.param == "date", value)
     )
 
 
