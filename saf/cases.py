@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Literal, cast
 
 from sqlalchemy import case, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from saf.db import transaction
@@ -182,20 +182,28 @@ def on_referrals(hub: Hub, referrals: Sequence[Referral], rules: RuleSet) -> lis
     """`on_referral` for many referrals (a transaction Bundle's) in one transaction: the
     case id of each, or the CaseError that kept it from a case. Same outcome as one by
     one in this order; when a concurrent run linked one of them first (a unique
-    constraint), they are done again one by one, each retrying as `on_referral` does."""
+    constraint, a deadlock), they are done again one by one, each retrying as
+    `on_referral` does."""
     results: list[str | CaseError] = []
     for referral in referrals:
         ok = referral.priority in PRIORITY_ORDER
         results.append(
             "" if ok else CaseError(f"priority must be one of {', '.join(PRIORITY_ORDER)}")
         )
-    todo = [i for i, r in enumerate(results) if r == ""]
+    # In one order for everyone (by patient): two Bundles naming the same patients lock
+    # their rows in the same order, so they wait for each other instead of deadlocking.
+    todo = sorted(
+        (i for i, r in enumerate(results) if r == ""),
+        key=lambda i: (referrals[i].clinic_id, referrals[i].patient_id, i),
+    )
     if not todo:
         return results
     try:
         with transaction(hub.sessions) as session:
             linked = [_case_for_referral(hub, session, referrals[i], rules) for i in todo]
-    except IntegrityError:
+    except (IntegrityError, OperationalError):
+        # A concurrent run made one of these first, or (PostgreSQL) a deadlock with a
+        # writer that locks in another order: nothing was kept; one by one, retrying.
         for i in todo:
             try:
                 results[i] = on_referral(hub, referrals[i], rules)
