@@ -260,13 +260,14 @@ def api(
     ssl_keyfile: SSLKeyOption = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="HTTP app processes sharing the port, e.g. one per core "
-                     "[SAF_HTTP_WORKERS]."),
+        typer.Option(
+            help="HTTP app processes sharing the port, e.g. one per core [SAF_HTTP_WORKERS]."
+        ),
     ] = None,
 ) -> None:
     """Run the HTTP app alone."""
     _check_ssl_files(ssl_certfile, ssl_keyfile)
-    extra = {"http_workers": workers} if workers is not None else {}
+    extra: dict[str, Any] = {"http_workers": workers} if workers is not None else {}
     _serve_http(open_hub(ctx, **extra), ssl_certfile, ssl_keyfile)
 
 
@@ -328,17 +329,16 @@ def _serve_http(
         f"HTTP app listening on {scheme}://{settings.http_host}:{settings.http_port} (/healthz)",
         highlight=False,
     )
-    ssl = {
-        "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
-        "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None,
-    }
+    certfile = str(ssl_certfile) if ssl_certfile else None
+    keyfile = str(ssl_keyfile) if ssl_keyfile else None
     if settings.http_workers == 1:
         uvicorn.run(
             create_app(hub),
             host=settings.http_host,
             port=settings.http_port,
             log_level="warning",
-            **ssl,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
         )
         return
     # Several processes: uvicorn starts each from an import string, so each worker opens
@@ -355,7 +355,8 @@ def _serve_http(
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
-        **ssl,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
     )
 
 
