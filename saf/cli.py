@@ -342,8 +342,8 @@ def _serve_http(
         )
         return
     # Several processes: uvicorn starts each from an import string, so each worker opens
-    # the hub itself from the same settings, handed over as SAF_* variables.
-    hub.close()
+    # the hub itself from the same settings, handed over as SAF_* variables. (`hub` stays
+    # open: under `saf up` the DICOM node in this process uses it.)
     for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
         if value is not None:
             text = json.dumps(value) if isinstance(value, list | dict) else str(value)
