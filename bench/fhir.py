@@ -98,9 +98,9 @@ class Server:
 
     data_dir: Path
     database_url: str | None
-    processes: int = 1
-    """`saf api` processes on the same hub (each its own port; clients are spread over
-    them, as a load balancer would), since one Python process serves on one core."""
+    workers: int = 2
+    """`saf api --workers N`: uvicorn worker processes sharing one port (one Python
+    process serves on one core)."""
     ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -131,11 +131,11 @@ class Server:
 
     def start(self) -> None:
         log = (self.data_dir.parent / "api.log").open("ab")
-        self.ports = [free_port() for _ in range(self.processes)]
+        self.ports = [free_port()]
         for port in self.ports:
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "saf", "--data-dir", str(self.data_dir),
-                 "--http-port", str(port), "api"],
+                 "--http-port", str(port), "api", "--workers", str(self.workers)],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env(),
             ))  # fmt: skip
         for proc, base in zip(self.procs, self.bases, strict=True):
@@ -361,7 +361,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def bench_database(name: str, database_url: str | None, args: argparse.Namespace,
                    scratch: Path) -> list[Result]:  # fmt: skip
     """Every part against one database."""
-    server = Server(scratch / name / "data", database_url, args.api_processes)
+    server = Server(scratch / name / "data", database_url, args.workers)
     server.data_dir.parent.mkdir(parents=True)
     server.saf("init")
     server.saf("clinic", "add", "Bench Clinic")
@@ -377,14 +377,21 @@ def bench_database(name: str, database_url: str | None, args: argparse.Namespace
         # (a) transaction Bundle ingest
         for kind in ("Patient", "ServiceRequest", "DocumentReference"):
             results.append(ingest(server, headers, kind, ids, args, name))
+        analyze(server)
+        use_wrk = args.client in ("wrk", "both") and shutil.which("wrk") is not None
+        use_httpx = args.client in ("httpx", "both") or not use_wrk
 
         # (b) read
         def read(http: httpx.Client) -> int:
             _checked(http.get(f"/fhir/Patient/{random.choice(ids)}"), "read")
             return 1
 
-        load = run_load(server.bases, headers, args.clients, args.seconds, read)
-        results.append(_rate(name, "read", "req/s", load))
+        if use_httpx:
+            load = run_load(server.bases, headers, args.clients, args.seconds, read)
+            results.append(_rate(name, "read", "req/s", load))
+        if use_wrk:
+            paths = [f"/fhir/Patient/{i}" for i in ids]
+            results.append(run_wrk(server, headers, paths, None, args, name, "read (wrk)"))
 
         # (c) search
         def search(http: httpx.Client) -> int:
@@ -395,8 +402,14 @@ def bench_database(name: str, database_url: str | None, args: argparse.Namespace
                 raise BenchError(f"search for {mrn} found {body.get('total')}, expected 1")
             return 1
 
-        load = run_load(server.bases, headers, args.clients, args.seconds, search)
-        results.append(_rate(name, "search", "req/s", load))
+        if use_httpx:
+            load = run_load(server.bases, headers, args.clients, args.seconds, search)
+            results.append(_rate(name, "search", "req/s", load))
+        if use_wrk:
+            paths = [f"/fhir/Patient?identifier={SYSTEM}%7CMRN-{i}" for i in range(200)]
+            results.append(
+                run_wrk(server, headers, paths, '"total":1,', args, name, "search (wrk)")
+            )
     except BenchError as exc:
         raise BenchError(f"{name}: {exc}\n{server.log()}") from None
     finally:
@@ -404,6 +417,94 @@ def bench_database(name: str, database_url: str | None, args: argparse.Namespace
     if args.profile:
         profile_reads(server, client_id, key, kid, ids, name)
     return results
+
+
+def analyze(server: Server) -> None:
+    """Planner statistics after loading, as a running hub has them (PostgreSQL's
+    autovacuum, SQLite's periodic ``PRAGMA optimize`` in saf.db)."""
+    from sqlalchemy import text
+
+    from saf.db import make_engine
+    from saf.settings import Settings
+
+    url = Settings(data_dir=server.data_dir, database_url=server.database_url)
+    engine = make_engine(url.effective_database_url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ANALYZE"))
+    finally:
+        engine.dispose()
+
+
+WRK_SCRIPT = """
+paths = {PATHS}
+expect = {EXPECT}
+errors = 0
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) math.randomseed(os.time() + math.random(1000000)) end
+function request() return wrk.format("GET", paths[math.random(#paths)]) end
+function response(status, headers, body)
+  if status ~= 200 or (expect and not string.find(body, expect, 1, true)) then
+    errors = errors + 1
+  end
+end
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do n = n + t:get("errors") end
+  io.write(string.format("SAF_ERRORS %d\\n", n))
+end
+"""
+"""Random GETs over `paths`; counts answers that are not 200 or lack `expect`."""
+
+
+def _lua(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_wrk(server: Server, headers: dict[str, str], paths: list[str], expect: str | None,
+            args: argparse.Namespace, name: str, part: str) -> Result:  # fmt: skip
+    """`wrk` (C, 2 threads) against the server: it needs far less CPU per request than
+    Python clients, so more of the 2 cores go to the server."""
+    import re
+
+    script = WRK_SCRIPT.replace("{PATHS}", "{" + ",".join(_lua(p) for p in paths) + "}")
+    script = script.replace("{EXPECT}", _lua(expect) if expect else "nil")
+    lua = server.data_dir.parent / f"{part.split()[0]}.lua"
+    lua.write_text(script)
+    argv = ["wrk", "-t2", f"-c{args.connections}", f"-d{max(1, int(args.seconds))}s",
+            "--timeout", "60s", "--latency", "-s", str(lua)]  # fmt: skip
+    for key, value in headers.items():
+        argv += ["-H", f"{key}: {value}"]
+    done = subprocess.run([*argv, server.base], capture_output=True, text=True, timeout=600)
+    output = done.stdout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"SAF_ERRORS (\d+)", output)
+    socket = re.search(r"Socket errors: (.*)", output)
+    if done.returncode != 0 or errors is None:
+        raise BenchError(f"wrk failed: {done.stderr[-500:]} {output[-500:]}")
+    if int(errors.group(1)) or bad or socket:
+        raise BenchError(f"{part}: {errors.group(1)} bad answers; {output[-800:]}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+
+    def ms(label: str) -> float | None:
+        found = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not found:
+            return None
+        return float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+
+    assert rate is not None and total is not None, output
+    return Result(name, part, "req/s", float(rate.group(1)), int(total.group(1)), ms("50"),
+                  None, note=f"wrk -t2 -c{args.connections}; p99 {ms('99')} ms")  # fmt: skip
+
+
+def _clients(args: argparse.Namespace) -> str:
+    httpx_part = f"httpx: {args.clients} reader/searcher threads"
+    wrk_part = f"wrk: 2 threads, {args.connections} connections"
+    if args.client == "httpx" or shutil.which("wrk") is None:
+        return httpx_part + ("" if args.client == "httpx" else " (wrk not installed)")
+    return wrk_part if args.client == "wrk" else f"{httpx_part}; {wrk_part}"
 
 
 def ingest(server: Server, headers: dict[str, str], kind: str, ids: list[str],
@@ -541,14 +642,14 @@ def profile_reads(server: Server, client_id: str, key: Any, kid: str, ids: list[
 def print_results(results: list[Result]) -> None:
     table = Table(title="saf FHIR benchmark", box=box.SIMPLE_HEAVY)
     for col in ("database", "part", "value", "requests", "p50 ms", "p95 ms", "target",
-                "HAPI (8 vCPU)", "saf/HAPI"):  # fmt: skip
+                "HAPI (8 vCPU)", "saf/HAPI", "note"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("database", "part") else "right")
     for r in results:
-        key = "ingest" if r.part.startswith("ingest") else r.part
+        key = "ingest" if r.part.startswith("ingest") else r.part.split()[0]
         target = TARGETS.get(key) if r.database == "postgresql" else None
         hapi = HAPI.get(key)
         if r.value is None:
-            table.add_row(r.database, r.part, "n/a", "-", "-", "-", "-", "-", r.note)
+            table.add_row(r.database, r.part, "n/a", "-", "-", "-", "-", "-", "-", r.note)
             continue
         mark = ""
         if target is not None:
@@ -563,6 +664,7 @@ def print_results(results: list[Result]) -> None:
             f"{target:,.0f}{mark}" if target else "-",
             f"{hapi:,.0f}" if hapi else "-",
             f"{r.value / hapi:.2f}" if hapi else "-",
+            r.note,
         )
     console.print(table)
 
@@ -576,8 +678,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent readers/searchers")
     parser.add_argument("--ingest-clients", type=int, default=2, help="concurrent bundle posters")
     parser.add_argument("--bundle-size", type=int, default=100)
-    parser.add_argument("--api-processes", type=int, default=1,
-                        help="saf api processes on the hub (clients spread over them)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2,
+                        help="saf api --workers N (uvicorn worker processes)")  # fmt: skip
+    parser.add_argument("--client", choices=("httpx", "wrk", "both"), default="both",
+                        help="load generator for read and search (wrk if installed)")  # fmt: skip
+    parser.add_argument("--connections", type=int, default=32,
+                        help="wrk connections (2 threads)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile the read path")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument("--scratch", type=Path, default=None)
@@ -595,7 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scratch filesystem": mounted_filesystem(scratch),
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "clients": f"{args.clients} readers/searchers, {args.ingest_clients} bundle posters",
-        "server": f"{args.api_processes} saf api process(es), uvicorn",
+        "server": f"saf api --workers {args.workers} (uvicorn)",
+        "load generator": _clients(args),
     }
     for key, value in facts.items():
         console.print(f"{key}: {value}", highlight=False)

@@ -76,3 +76,11 @@ def create_app(hub: Hub) -> FastAPI:
         return {"status": "ok" if healthy else "degraded", "checks": checks}
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for the hub the SAF_* variables describe: the factory each worker process
+    of ``saf api --workers N`` calls (see saf.cli)."""
+    from saf.settings import Settings
+
+    return create_app(Hub.open(Settings()))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal, cast
 
 from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from saf.db import transaction
@@ -178,6 +178,43 @@ def on_referral(hub: Hub, referral: Referral, rules: RuleSet) -> str:
         lambda session: _case_for_referral(hub, session, referral, rules),
         referral.service_request_id,
     )
+
+
+def on_referrals(hub: Hub, referrals: Sequence[Referral], rules: RuleSet) -> list[str | CaseError]:
+    """`on_referral` for many referrals (a transaction Bundle's) in one transaction: the
+    case id of each, or the CaseError that kept it from a case. Same outcome as one by
+    one in this order; when a concurrent run linked one of them first (a unique
+    constraint, a deadlock), they are done again one by one, each retrying as
+    `on_referral` does."""
+    results: list[str | CaseError] = []
+    for referral in referrals:
+        ok = referral.priority in PRIORITY_ORDER
+        results.append(
+            "" if ok else CaseError(f"priority must be one of {', '.join(PRIORITY_ORDER)}")
+        )
+    # In one order for everyone (by patient): two Bundles naming the same patients lock
+    # their rows in the same order, so they wait for each other instead of deadlocking.
+    todo = sorted(
+        (i for i, r in enumerate(results) if r == ""),
+        key=lambda i: (referrals[i].clinic_id, referrals[i].patient_id, i),
+    )
+    if not todo:
+        return results
+    try:
+        with transaction(hub.sessions) as session:
+            linked = [_case_for_referral(hub, session, referrals[i], rules) for i in todo]
+    except (IntegrityError, OperationalError):
+        # A concurrent run made one of these first, or (PostgreSQL) a deadlock with a
+        # writer that locks in another order: nothing was kept; one by one, retrying.
+        for i in todo:
+            try:
+                results[i] = on_referral(hub, referrals[i], rules)
+            except CaseError as exc:
+                results[i] = exc
+        return results
+    for i, case_id in zip(todo, linked, strict=True):
+        results[i] = case_id
+    return results
 
 
 def _retrying(hub: Hub, link: Callable[[Session], str], what: str) -> str:

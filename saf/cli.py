@@ -255,11 +255,20 @@ def _broker_label(url: str) -> str:
 
 @app.command()
 def api(
-    ctx: typer.Context, ssl_certfile: SSLCertOption = None, ssl_keyfile: SSLKeyOption = None
+    ctx: typer.Context,
+    ssl_certfile: SSLCertOption = None,
+    ssl_keyfile: SSLKeyOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="HTTP app processes sharing the port, e.g. one per core [SAF_HTTP_WORKERS]."
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP app alone."""
     _check_ssl_files(ssl_certfile, ssl_keyfile)
-    _serve_http(open_hub(ctx), ssl_certfile, ssl_keyfile)
+    extra: dict[str, Any] = {"http_workers": workers} if workers is not None else {}
+    _serve_http(open_hub(ctx, **extra), ssl_certfile, ssl_keyfile)
 
 
 def _start_worker(hub: Hub) -> subprocess.Popen[bytes]:
@@ -320,13 +329,34 @@ def _serve_http(
         f"HTTP app listening on {scheme}://{settings.http_host}:{settings.http_port} (/healthz)",
         highlight=False,
     )
+    certfile = str(ssl_certfile) if ssl_certfile else None
+    keyfile = str(ssl_keyfile) if ssl_keyfile else None
+    if settings.http_workers == 1:
+        uvicorn.run(
+            create_app(hub),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+        )
+        return
+    # Several processes: uvicorn starts each from an import string, so each worker opens
+    # the hub itself from the same settings, handed over as SAF_* variables. (`hub` stays
+    # open: under `saf up` the DICOM node in this process uses it.)
+    for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            os.environ[f"SAF_{name.upper()}"] = text
     uvicorn.run(
-        create_app(hub),
+        "saf.app:app_from_environment",
+        factory=True,
+        workers=settings.http_workers,
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
-        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
     )
 
 

@@ -2,31 +2,97 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 """Alembic script directory shipped inside the package."""
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, full fsync, foreign keys and a busy timeout."""
+PING_AFTER_IDLE_SECONDS: Final = 2.0
+"""A pooled PostgreSQL connection idle longer than this is pinged before it is handed out
+(a server restart or an idle timeout may have closed it); a busier one is not."""
+
+OPTIMIZE_EVERY_SECONDS: Final = 600.0
+"""How often (per process) a SQLite connection returning to the pool runs
+``PRAGMA optimize``, so the query planner has statistics."""
+
+
+def make_engine(url: str, *, ping_after_idle: float = PING_AFTER_IDLE_SECONDS) -> Engine:
+    """An engine for `url`; SQLite gets WAL, full fsync, foreign keys and a busy timeout;
+    PostgreSQL gets a pool that pings connections idle over `ping_after_idle` seconds."""
     if url.startswith("sqlite"):
         # No pre-ping: a local file cannot drop the connection, and the ping would cost
         # a round trip on every checkout of the ingest hot path.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "checkin", _SqliteOptimizer())
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine, ping_after_idle)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """Pessimistic disconnect handling without a round trip on every checkout: SQLAlchemy's
+    ``pool_pre_ping`` pings on each one (a read is two round trips, so it would be a third
+    more); here only a connection that sat in the pool over `idle_seconds` is pinged, the
+    window in which a restart or idle timeout could have closed it unnoticed. A dead one is
+    discarded and the pool hands out a fresh one (DisconnectionError: SQLAlchemy retries
+    the checkout). A connection that dies while busy raises a disconnect error on use, and
+    SQLAlchemy then invalidates the pool's older connections as always."""
+    dialect = engine.dialect
+
+    def checkin(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checkout(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= idle_seconds:
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+            dbapi_conn.rollback()  # end the transaction the ping may have begun
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection was closed: {exc}") from exc
+
+    event.listen(engine, "checkin", checkin)
+    event.listen(engine, "checkout", checkout)
+
+
+class _SqliteOptimizer:
+    """A ``checkin`` listener running ``PRAGMA optimize`` at most every
+    `OPTIMIZE_EVERY_SECONDS` (SQLite's advice for long-lived connections)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+        with self.lock:
+            if time.monotonic() - self.last < OPTIMIZE_EVERY_SECONDS:
+                return
+            self.last = time.monotonic()
+        try:
+            dbapi_conn.execute("PRAGMA optimize")
+        except Exception:  # statistics are an optimisation: a busy database skips a turn
+            log.warning("PRAGMA optimize failed", exc_info=True)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -61,8 +61,9 @@ def auth_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def get_hub(request: Request) -> Hub:
-    """The hub the app was built for (`create_app` puts it on ``app.state.hub``)."""
+async def get_hub(request: Request) -> Hub:
+    """The hub the app was built for (`create_app` puts it on ``app.state.hub``). Async:
+    it does no I/O, and a sync dependency would cost a trip through the thread pool."""
     hub: Hub = request.app.state.hub
     return hub
 

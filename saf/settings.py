@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     """HTTP port (health, and later FHIR, DICOMweb and the viewer)."""
 
+    http_workers: int = Field(default=1, ge=1, le=64)
+    """HTTP app processes (uvicorn workers) sharing the port, one per core to use them all.
+    Each keeps its own login rate limit and verified-token cache (see README)."""
+
     dicom_host: str = "0.0.0.0"
     """Address the DICOM node binds to."""
 

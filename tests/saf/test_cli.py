@@ -218,3 +218,40 @@ def test_rules_check_and_show(tmp_path: Path) -> None:
     assert show.returncode == 0, show.stderr
     assert "modality=CT; body_part=CHEST" in show.stdout and "thoracic" in show.stdout
     _assert_clean_failure(check_missing, "no rules file at", "typo.toml")
+
+
+def test_api_workers_serve_from_several_processes(tmp_path: Path) -> None:
+    """`saf api --workers 2`: two uvicorn worker processes, each opening the hub from the
+    settings it was started with (here --data-dir and --http-port), serve the same port."""
+    import time
+
+    import httpx
+
+    from tests.interop.conftest import free_port
+
+    data = str(tmp_path / "data")
+    assert saf("--data-dir", data, "init").returncode == 0
+    port = free_port()
+    args = ("--data-dir", data, "--http-port", str(port), "api", "--workers", "2")
+    proc = _start(args, _env())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            assert answer.status_code == 200, answer.text
+            break
+        else:
+            raise AssertionError("saf api --workers 2 did not answer within 60 s")
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        pids = {int(p) for p in children}
+        assert len(pids) >= 2, children  # the workers (plus uvicorn's helper processes)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)

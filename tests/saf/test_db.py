@@ -35,3 +35,84 @@ def test_sqlite_is_wal_with_full_sync(tmp_path: Path) -> None:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
     hub.close()
+
+
+def _kill_backends(engine_url: str, admin_url: str) -> int:
+    """Terminate every server connection to `engine_url`'s database, as a restart would."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = make_url(engine_url).database
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchall()
+    return len(rows)
+
+
+def test_idle_connection_killed_by_the_server_is_replaced(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    """A pooled connection the server closed while it sat idle is pinged, found dead and
+    replaced at checkout: the caller never sees the error."""
+    import time
+
+    from saf.db import make_engine
+
+    engine = make_engine(postgres_url, ping_after_idle=0.2)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert _kill_backends(postgres_url, postgres_admin_url) == 1
+        time.sleep(0.4)
+        with engine.connect() as conn:
+            second = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert second != first
+    finally:
+        engine.dispose()
+
+
+def test_busy_connection_is_not_pinged_and_a_dead_one_is_replaced_after_one_error(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    """Within the idle window there is no ping (no extra round trip): a connection killed
+    then fails once with a disconnect error, and the pool recovers for the next caller."""
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from saf.db import make_engine
+
+    engine = make_engine(postgres_url, ping_after_idle=3600)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        _kill_backends(postgres_url, postgres_admin_url)
+        with pytest.raises(OperationalError), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_optimize_runs_on_checkin(tmp_path: Path, monkeypatch: object) -> None:
+    """A SQLite connection returning to the pool gathers planner statistics now and then."""
+    from saf import db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'o.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (a INTEGER, b INTEGER)"))
+            conn.execute(text("CREATE INDEX ix_t_a ON t (a)"))
+            conn.execute(text("INSERT INTO t VALUES (1, 2), (3, 4)"))
+        assert isinstance(monkeypatch, __import__("pytest").MonkeyPatch)
+        monkeypatch.setattr(db, "OPTIMIZE_EVERY_SECONDS", 0.0)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT * FROM t WHERE a = 1")).all()
+        with engine.connect() as conn:
+            names = conn.execute(text("SELECT name FROM sqlite_master")).scalars().all()
+            assert "sqlite_stat1" in names
+    finally:
+        engine.dispose()
