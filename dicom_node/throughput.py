@@ -26,19 +26,26 @@ upstream's own; otherwise it logs why and leaves pynetdicom as it is.
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import ssl
 import struct
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
+import pynetdicom.dul
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import _config, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dsutils import encode as _pydicom_encode
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger(__name__)
@@ -95,8 +102,43 @@ def install() -> bool:
         fsm.ACTIONS["DT-1"] = (desc, _dt_1, state)
         desc, _, state = fsm.ACTIONS["AR-7"]
         fsm.ACTIONS["AR-7"] = (desc, _ar_7, state)
+        if pynetdicom.dul.time is time:
+            pynetdicom.dul.time = _ReactorClock()  # type: ignore[attr-defined]
+        else:
+            log.warning("pynetdicom.dul.time was already replaced; reactor keeps napping")
         _installed = True
         return True
+
+
+# ------------------------------------------------------------------ reactor nap
+
+
+class _ReactorClock:
+    """Stands in for the `time` module inside pynetdicom.dul.
+
+    The DUL reactor naps `time.sleep(delay)` whenever a loop found nothing to do, so a
+    peer's response waits for the nap to end, and then for the GIL. Here a reactor
+    thread's nap is a `select` on its socket for the same delay: it wakes as soon as
+    the peer's bytes arrive. Everything else is the real `time`.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(delay: float) -> None:
+        thread = threading.current_thread()
+        transport = getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
+        sock = getattr(transport, "socket", None)
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            time.sleep(delay)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        try:
+            select.select([sock], [], [], delay)
+        except (OSError, ValueError):
+            time.sleep(delay)
 
 
 # ------------------------------------------------------------------ command set
@@ -222,36 +264,67 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     if command is None:
         raise ValueError("cannot encode the DIMSE command set")
     data = dimse_msg.data_set.getvalue() if dimse_msg.data_set is not None else b""
-    self.dul.send_pdu(
-        EncodedPData(encode_pdata_pdus(context_id, command, data, self.maximum_pdu_size))
+    _send_now_or_queue(
+        self.dul, EncodedPData(encode_pdata_pdus(context_id, command, data, self.maximum_pdu_size))
     )
 
 
-def _send_encoded(dul: Any) -> bool:
-    """If the next primitive is an EncodedPData, take it off the queue and send it."""
-    head = dul.to_provider_queue.queue[0] if dul.to_provider_queue.queue else None
-    if not isinstance(head, EncodedPData):
-        return False
-    dul.to_provider_queue.get(False)
-    if dul.socket is not None:
-        dul.socket.send(head.encoded)
-    else:
-        log.warning("attempted to send data over a closed connection")
-    return True
+_dul_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def _send_lock(dul: Any) -> threading.Lock:
+    """The lock that orders this association's P-DATA writes (direct and queued)."""
+    with _lock:
+        lock = _dul_locks.get(dul)
+        if lock is None:
+            lock = _dul_locks[dul] = threading.Lock()
+        return lock
+
+
+def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
+    """Write the message from the calling (DIMSE) thread when nothing is queued before it
+    and the association is established; otherwise queue it for the reactor.
+
+    The reactor would take it at its next poll, which costs a thread hand-off and a
+    nap per message. Order is kept: the queued path sends under the same lock, so a
+    primitive taken off the queue is on the wire before a direct write starts. The one
+    PDU the reactor sends unprompted in Sta6 is an A-ABORT for a peer's invalid PDU,
+    after which the association is gone either way.
+    """
+    with _send_lock(dul):
+        socket = dul.socket
+        if (
+            socket is not None
+            and dul.state_machine.current_state == "Sta6"
+            and not dul.to_provider_queue.queue
+        ):
+            socket.send(pdata.encoded)
+            return
+        dul.send_pdu(pdata)
+
+
+def _send_encoded(dul: Any, upstream: Callable[[Any], str]) -> str | None:
+    """Run a DT-1/AR-7 action under the send lock; an EncodedPData is written as is."""
+    with _send_lock(dul):
+        head = dul.to_provider_queue.queue[0] if dul.to_provider_queue.queue else None
+        if not isinstance(head, EncodedPData):
+            return upstream(dul)
+        dul.to_provider_queue.get(False)
+        if dul.socket is not None:
+            dul.socket.send(head.encoded)
+        else:
+            log.warning("attempted to send data over a closed connection")
+        return None
 
 
 def _dt_1(dul: Any) -> str:
     """DT-1 (Sta6 + Evt9): send the P-DATA-TF PDU(s)."""
-    if _send_encoded(dul):
-        return "Sta6"
-    return _upstream_dt_1(dul)
+    return _send_encoded(dul, _upstream_dt_1) or "Sta6"
 
 
 def _ar_7(dul: Any) -> str:
     """AR-7 (Sta8 + Evt9): send the P-DATA-TF PDU(s) during a release."""
-    if _send_encoded(dul):
-        return "Sta8"
-    return _upstream_ar_7(dul)
+    return _send_encoded(dul, _upstream_ar_7) or "Sta8"
 
 
 __all__ = [
