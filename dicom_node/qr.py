@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -408,14 +409,7 @@ class StoredDataset(Dataset):
         """The instance to send as stored; None (logged) if its File Meta does not agree
         with the index, and then the caller parses it in full."""
         try:
-            fp = BytesIO(data)
-            read_preamble(fp, False)
-            meta = read_dataset(
-                fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002
-            )
-            offset = fp.tell()
-            syntax = str(meta.get("TransferSyntaxUID", ""))
-            sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            offset, syntax, sop_instance_uid = _file_meta(data)
         except Exception:
             log.exception("cannot read the File Meta of %s", item.sop_instance_uid)
             return None
@@ -453,6 +447,49 @@ class StoredDataset(Dataset):
 
 def _not_group_0002(tag: Any, vr: str | None, length: int) -> bool:
     return bool(tag.group != 2)
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_TAG_VR = struct.Struct("<HH2s")
+
+
+def _file_meta(data: bytes) -> tuple[int, str, str]:
+    """(offset of the data set, Transfer Syntax UID, Media Storage SOP Instance UID) of a
+    Part 10 object, read straight from its File Meta elements (explicit VR little endian,
+    PS3.10 7.1); pydicom's reader for anything unexpected (it raises on what is broken)."""
+    if data[128:132] != b"DICM":
+        return _file_meta_pydicom(data)
+    values: dict[int, str] = {}
+    at = 132
+    while at + 8 <= len(data):
+        group, element, vr = _TAG_VR.unpack_from(data, at)
+        if group != 2:
+            break
+        if vr in _LONG_VRS:
+            length = int.from_bytes(data[at + 8 : at + 12], "little")
+            at += 12
+        elif vr.isalpha() and vr.isupper():
+            length = int.from_bytes(data[at + 6 : at + 8], "little")
+            at += 8
+        else:
+            return _file_meta_pydicom(data)
+        if element in (0x0003, 0x0010):
+            values[element] = data[at : at + length].rstrip(b"\x00 ").decode("ascii")
+        at += length
+    if at > len(data) or 0x0010 not in values:
+        return _file_meta_pydicom(data)
+    return at, values[0x0010], values.get(0x0003, "")
+
+
+def _file_meta_pydicom(data: bytes) -> tuple[int, str, str]:
+    fp = BytesIO(data)
+    read_preamble(fp, False)
+    meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002)
+    return (
+        fp.tell(),
+        str(meta.get("TransferSyntaxUID", "")),
+        str(meta.get("MediaStorageSOPInstanceUID", "")),
+    )
 
 
 _pynetdicom_encode: Callable[[Dataset, bool, bool, bool], bytes | None] = dsutils.encode
