@@ -112,9 +112,7 @@ class StorageCommitment:
         worker.start()
         return 0x0000, None
 
-    def _deliver(
-        self, assoc: Association, job_id: int, sent: threading.Event, hook: Any
-    ) -> None:
+    def _deliver(self, assoc: Association, job_id: int, sent: threading.Event, hook: Any) -> None:
         """First attempt of a report job, on the requester's association if still open."""
         sent.wait(RESPONSE_WAIT_SECONDS)
         # EVT_DIMSE_SENT fires just before the response is queued: let it leave.

@@ -44,9 +44,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
+from dicom_node import throughput
 from dicom_node.commitment import StorageCommitment
 from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve
-from dicom_node import throughput
 from dicom_node.tcp import set_no_delay
 from dicom_node.tls import peer_cert_der, server_context
 from saf import audit

@@ -88,7 +88,7 @@ def install() -> bool:
             )  # fmt: skip
             return False
         upstream = (
-            pynetdicom.dimse_messages.encode is _pydicom_encode,
+            getattr(pynetdicom.dimse_messages, "encode", None) is _pydicom_encode,
             DIMSEServiceProvider.send_msg is _upstream_send_msg,
             fsm.ACTIONS["DT-1"][1] is _upstream_dt_1,
             fsm.ACTIONS["AR-7"][1] is _upstream_ar_7,
@@ -102,8 +102,8 @@ def install() -> bool:
         fsm.ACTIONS["DT-1"] = (desc, _dt_1, state)
         desc, _, state = fsm.ACTIONS["AR-7"]
         fsm.ACTIONS["AR-7"] = (desc, _ar_7, state)
-        if pynetdicom.dul.time is time:
-            pynetdicom.dul.time = _ReactorClock()  # type: ignore[attr-defined]
+        if getattr(pynetdicom.dul, "time", None) is time:
+            setattr(pynetdicom.dul, "time", _ReactorClock())  # noqa: B010
         else:
             log.warning("pynetdicom.dul.time was already replaced; reactor keeps napping")
         _installed = True
@@ -128,7 +128,9 @@ class _ReactorClock:
     @staticmethod
     def sleep(delay: float) -> None:
         thread = threading.current_thread()
-        transport = getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
+        transport = (
+            getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
+        )
         sock = getattr(transport, "socket", None)
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             time.sleep(delay)
@@ -237,9 +239,7 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
 
 
 def _fast_path(assoc: Any) -> bool:
-    return not assoc.get_handlers(evt.EVT_PDU_SENT) and not assoc.get_handlers(
-        evt.EVT_DATA_SENT
-    )
+    return not assoc.get_handlers(evt.EVT_PDU_SENT) and not assoc.get_handlers(evt.EVT_DATA_SENT)
 
 
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:

@@ -233,8 +233,9 @@ def run_report_job(
 
         attempts += 1
         state = "pending"
+        next_at = now + timedelta(seconds=retry_delay(hub, attempts))
         values |= {"state": "pending", "attempts": attempts, "last_error": error[:256],
-                   "next_attempt_at": now + timedelta(seconds=retry_delay(hub, attempts))}  # fmt: skip
+                   "next_attempt_at": next_at}  # fmt: skip
     with transaction(hub.sessions) as session:
         session.execute(
             update(ForwardJob)

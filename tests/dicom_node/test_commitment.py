@@ -6,8 +6,10 @@ dropped (audited) when too old."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
 )
-from sqlalchemy import select
-
-import time
-from datetime import timedelta
-
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from dicom_node.commitment import make_report_transport
 from dicom_node.forward import make_transport

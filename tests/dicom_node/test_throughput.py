@@ -74,7 +74,16 @@ def _primitives() -> list[Any]:
     action.RequestedSOPInstanceUID = "1.2.840.10008.1.20.1.1"
     action.ActionTypeID = 1
     action.ActionInformation = BytesIO(b"")
-    return [_store_rq(), _store_rq("MODALITY"), _store_rq("ODD"), rsp, echo, get_rsp, report, action]
+    return [
+        _store_rq(),
+        _store_rq("MODALITY"),
+        _store_rq("ODD"),
+        rsp,
+        echo,
+        get_rsp,
+        report,
+        action,
+    ]
 
 
 def _message(primitive: Any) -> Any:
