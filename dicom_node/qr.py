@@ -12,9 +12,10 @@ bytes go on the wire exactly as stored, without being parsed or re-encoded (a
 encoder). C-MOVE proposes, per SOP class, a context with exactly each stored syntax
 plus an uncompressed fallback; only when the receiver refuses the stored syntax is the
 instance parsed and re-encoded by pynetdicom (uncompressed to uncompressed) or
-decompressed, and that is logged. The next instance is decrypted in a helper thread
-while the current one is on the wire, so at most two are held in memory; the blob
-headers of a whole retrieve come from the index in one query.
+decompressed, and that is logged. A reader thread decrypts up to READ_AHEAD instances
+ahead of the one on the wire (a bounded queue, so memory stays flat); the blob headers
+of a whole retrieve come from the index in one query. The DIMSE messages themselves go
+out through dicom_node.throughput (all PDUs of a message in one write).
 
 C-MOVE destinations are the registered peers of the caller's own clinic that have a
 port (`saf clinic add ... --port`); any other AE title is "Move Destination unknown"
@@ -25,9 +26,11 @@ port (`saf clinic add ... --port`); any other AE title is "Move Destination unkn
 from __future__ import annotations
 
 import logging
+import queue
+import struct
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +77,8 @@ PENDING = 0xFF00
 CANCEL = 0xFE00
 NOT_AUTHORISED = 0x0124
 UNABLE_TO_PROCESS = 0xC000
+READ_AHEAD = 4
+"""Instances a retrieve decrypts ahead of the one being sent."""
 MAX_MOVE_CONTEXTS = 128
 """Presentation contexts one association may propose (PS3.8)."""
 
@@ -235,26 +240,41 @@ class QueryRetrieve:
         items: list[StoredInstance],
         contexts: Callable[[], list[PresentationContext]],
     ) -> Iterator[tuple[int, Dataset | None]]:
-        """(0xFF00, dataset) per instance, the next one decrypted while this one is sent.
+        """(0xFF00, dataset) per instance, read ahead by a reader thread.
 
-        Decryption and the blob read release the GIL for most of their time, and the
-        DIMSE thread mostly waits for the peer's C-STORE response, so reading ahead by
-        one instance hides most of the read behind the network.
+        The blob reads and decryption (which release the GIL for most of their time)
+        run in one reader thread up to READ_AHEAD instances ahead of the one on the
+        wire, so they overlap the network and the peer's C-STORE responses; at most
+        READ_AHEAD + 2 instances are held in memory.
         """
         headers = self._blob_headers(items)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saf-retrieve") as pool:
-            ahead: Future[bytes | None] | None = None
-            for index, item in enumerate(items):
-                current = ahead or pool.submit(self._read, item, headers)
-                ahead = (
-                    pool.submit(self._read, items[index + 1], headers)
-                    if index + 1 < len(items)
-                    else None
-                )
+        ready: queue.Queue[bytes | None] = queue.Queue(maxsize=READ_AHEAD)
+        stop = threading.Event()
+
+        def reader() -> None:
+            for item in items:
+                data = self._read(item, headers)
+                while not stop.is_set():
+                    try:
+                        ready.put(data, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+
+        thread = threading.Thread(target=reader, name="saf-retrieve-read", daemon=True)
+        thread.start()
+        try:
+            for item in items:
+                data = ready.get()
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, self._load(item, current.result(), contexts())
+                yield PENDING, self._load(item, data, contexts())
+        finally:
+            stop.set()
+            thread.join()
 
     def _blob_headers(self, items: list[StoredInstance]) -> dict[str, bytes]:
         """Blob id -> sealed blob header, for every instance of a retrieve (one query per
@@ -389,14 +409,7 @@ class StoredDataset(Dataset):
         """The instance to send as stored; None (logged) if its File Meta does not agree
         with the index, and then the caller parses it in full."""
         try:
-            fp = BytesIO(data)
-            read_preamble(fp, False)
-            meta = read_dataset(
-                fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002
-            )
-            offset = fp.tell()
-            syntax = str(meta.get("TransferSyntaxUID", ""))
-            sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            offset, syntax, sop_instance_uid = _file_meta(data)
         except Exception:
             log.exception("cannot read the File Meta of %s", item.sop_instance_uid)
             return None
@@ -434,6 +447,49 @@ class StoredDataset(Dataset):
 
 def _not_group_0002(tag: Any, vr: str | None, length: int) -> bool:
     return bool(tag.group != 2)
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_TAG_VR = struct.Struct("<HH2s")
+
+
+def _file_meta(data: bytes) -> tuple[int, str, str]:
+    """(offset of the data set, Transfer Syntax UID, Media Storage SOP Instance UID) of a
+    Part 10 object, read straight from its File Meta elements (explicit VR little endian,
+    PS3.10 7.1); pydicom's reader for anything unexpected (it raises on what is broken)."""
+    if data[128:132] != b"DICM":
+        return _file_meta_pydicom(data)
+    values: dict[int, str] = {}
+    at = 132
+    while at + 8 <= len(data):
+        group, element, vr = _TAG_VR.unpack_from(data, at)
+        if group != 2:
+            break
+        if vr in _LONG_VRS:
+            length = int.from_bytes(data[at + 8 : at + 12], "little")
+            at += 12
+        elif vr.isalpha() and vr.isupper():
+            length = int.from_bytes(data[at + 6 : at + 8], "little")
+            at += 8
+        else:
+            return _file_meta_pydicom(data)
+        if element in (0x0003, 0x0010):
+            values[element] = data[at : at + length].rstrip(b"\x00 ").decode("ascii")
+        at += length
+    if at > len(data) or 0x0010 not in values:
+        return _file_meta_pydicom(data)
+    return at, values[0x0010], values.get(0x0003, "")
+
+
+def _file_meta_pydicom(data: bytes) -> tuple[int, str, str]:
+    fp = BytesIO(data)
+    read_preamble(fp, False)
+    meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002)
+    return (
+        fp.tell(),
+        str(meta.get("TransferSyntaxUID", "")),
+        str(meta.get("MediaStorageSOPInstanceUID", "")),
+    )
 
 
 _pynetdicom_encode: Callable[[Dataset, bool, bool, bool], bytes | None] = dsutils.encode

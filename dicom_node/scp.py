@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
+from dicom_node import throughput
 from dicom_node.commitment import StorageCommitment
 from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve
 from dicom_node.tcp import set_no_delay
@@ -238,6 +239,8 @@ class DicomNode:
 
     def _make_ae(self) -> AE:
         settings = self.hub.settings
+        throughput.quiet_event_logging()
+        throughput.install()
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.dicom_max_pdu
         ae.maximum_associations = settings.dicom_max_associations

@@ -51,6 +51,7 @@ EVENTS: dict[str, Action] = {
     "dicom-store": "C",
     "dicom-find": "E",
     "dicom-retrieve": "R",
+    "dicom-commitment": "E",
     "config": "U",
 }
 """Event names and the FHIR action each implies (BALP: search and query are E)."""

@@ -68,6 +68,10 @@ EVENT_CODES: dict[str, tuple[dict[str, str], dict[str, str] | None]] = {
         None,
     ),
     "dicom-find": ({"system": DCM, "code": "110112", "display": "Query"}, None),
+    "dicom-commitment": (
+        {"system": DCM, "code": "110100", "display": "Application Activity"},
+        None,
+    ),
     "dicom-association": (
         {"system": DCM, "code": "110100", "display": "Application Activity"},
         None,

@@ -227,6 +227,7 @@ def worker(
 
 def _make_forwarder(hub: Hub) -> Any:
     """The forwarding sender loop; fails now if the forwarding rules file is broken."""
+    from dicom_node.commitment import make_report_transport
     from dicom_node.forward import make_transport
     from saf.forwarding import Forwarder, rules_in_force
     from saf.routing import RulesError
@@ -235,7 +236,11 @@ def _make_forwarder(hub: Hub) -> Any:
         rules_in_force(hub)
     except RulesError as exc:
         fail(str(exc), code=1)
-    return Forwarder(hub, make_transport(hub.settings.ae_title, hub.settings))
+    return Forwarder(
+        hub,
+        make_transport(hub.settings.ae_title, hub.settings),
+        report_transport=make_report_transport(hub.settings.ae_title),
+    )
 
 
 def _make_notifier(hub: Hub) -> Any:
@@ -877,15 +882,16 @@ def rules_check(
 
 @forward_app.command("status")
 def forward_status(ctx: typer.Context) -> None:
-    """Each destination's queue: jobs by state, most attempts, next attempt, last error."""
+    """Each destination's queue (study forwards and Storage Commitment reports): jobs by
+    state, most attempts, next attempt, last error."""
     from saf.forwarding import status
 
     rows = status(open_hub(ctx))
-    table = Table("destination", "pending", "sending", "done", "failed", "attempts",
+    table = Table("destination", "kind", "pending", "sending", "done", "failed", "attempts",
                   "next attempt (UTC)", "last error", title="forwarding")  # fmt: skip
     for r in rows:
         next_at = r.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if r.next_attempt_at else ""
-        table.add_row(r.destination, str(r.pending), str(r.sending), str(r.done),
+        table.add_row(r.destination, r.kind, str(r.pending), str(r.sending), str(r.done),
                       f"[red]{r.failed}[/]" if r.failed else "0", str(r.attempts), next_at,
                       r.last_error or "")  # fmt: skip
     if not rows:

@@ -71,6 +71,7 @@ from sqlalchemy.orm import joinedload
 
 from saf import audit, vault
 from saf.aetitle import check_ae_title
+from saf.commitment import ReportTransport, run_report_job
 from saf.db import transaction
 from saf.deidentify import Deidentifier, DeidentifyError, destination_seed, hub_secret
 from saf.hub import Hub
@@ -658,6 +659,8 @@ class Claim:
     job_id: int
     destination: str
     generation: int
+    report: bool = False
+    """A Storage Commitment report (saf.commitment), not a study."""
 
 
 def claim_due(hub: Hub, *, busy: Iterable[str] = (), limit: int = 100) -> list[Claim]:
@@ -674,7 +677,12 @@ def claim_due(hub: Hub, *, busy: Iterable[str] = (), limit: int = 100) -> list[C
     claims: list[Claim] = []
     with transaction(hub.sessions) as session:
         rows = session.execute(
-            select(ForwardJob.id, ForwardJob.destination, ForwardJob.generation)
+            select(
+                ForwardJob.id,
+                ForwardJob.destination,
+                ForwardJob.generation,
+                ForwardJob.report.is_not(None),
+            )
             .where(
                 or_(
                     and_(ForwardJob.state == "pending", ForwardJob.next_attempt_at <= now),
@@ -685,11 +693,11 @@ def claim_due(hub: Hub, *, busy: Iterable[str] = (), limit: int = 100) -> list[C
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
-        for job_id, destination, generation in rows:
+        for job_id, destination, generation, report in rows:
             if destination in taken:
                 continue  # one job per destination at a time: a down one ties up one sender
             taken.add(destination)
-            claims.append(Claim(int(job_id), destination, int(generation)))
+            claims.append(Claim(int(job_id), destination, int(generation), bool(report)))
         if claims:
             session.execute(
                 update(ForwardJob)
@@ -752,6 +760,8 @@ def run_job(hub: Hub, claim: Claim, transport: Transport) -> JobResult:
         job = session.get(ForwardJob, claim.job_id)
         if job is None or job.generation != claim.generation or job.state != "sending":
             return JobResult(claim.job_id, "pending", 0, 0)  # re-queued meanwhile
+        if job.report is not None or job.study_pk is None:
+            raise ValueError(f"forward job {claim.job_id} is a commitment report: run_claim")
         study = session.get(Study, job.study_pk)
         if study is None:  # removed from the index since it was queued: nothing to send
             job.state, job.last_error, job.updated_at = (
@@ -945,11 +955,35 @@ def _send(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def forward_due(hub: Hub, transport: Transport) -> list[JobResult]:
+def run_claim(
+    hub: Hub, claim: Claim, transport: Transport, report_transport: ReportTransport | None
+) -> JobResult:
+    """Run one claimed job of either kind: a study (:func:`run_job`) or a commitment report
+    (:func:`saf.commitment.run_report_job`, needs ``report_transport``; without one the
+    job goes back to the queue untouched)."""
+    if not claim.report:
+        return run_job(hub, claim, transport)
+    if report_transport is None:
+        with transaction(hub.sessions) as session:
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id == claim.job_id, ForwardJob.state == "sending")
+                .values(state="pending")
+            )
+        return JobResult(claim.job_id, "pending", 0, 1, "no commitment report transport")
+    result = run_report_job(hub, claim.job_id, claim.generation, report_transport)
+    done = result.state == "done"
+    return JobResult(claim.job_id, cast(State, result.state), int(done), int(not done),
+                     result.error)  # fmt: skip
+
+
+def forward_due(
+    hub: Hub, transport: Transport, report_transport: ReportTransport | None = None
+) -> list[JobResult]:
     """Claim and run every due job once, one after another (tests, one-shot use)."""
     results = []
     for claim in claim_due(hub):
-        results.append(run_job(hub, claim, transport))
+        results.append(run_claim(hub, claim, transport, report_transport))
     return results
 
 
@@ -958,9 +992,17 @@ class Forwarder:
     thread pool, at most one job per destination at a time, so a destination that hangs
     ties up one thread and the others keep flowing. Runs in `saf worker`."""
 
-    def __init__(self, hub: Hub, transport: Transport, *, threads: int = 4) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        transport: Transport,
+        *,
+        threads: int = 4,
+        report_transport: ReportTransport | None = None,
+    ) -> None:
         self._hub = hub
         self._transport = transport
+        self._report_transport = report_transport
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saf-forward")
         self._threads = threads
         self._busy: dict[str, Future[JobResult | None]] = {}
@@ -997,7 +1039,7 @@ class Forwarder:
 
     def _run_one(self, claim: Claim) -> JobResult | None:
         try:
-            return run_job(self._hub, claim, self._transport)
+            return run_claim(self._hub, claim, self._transport, self._report_transport)
         except Exception:
             # The database failed us mid-job (acks not recorded): back to pending after a
             # pause, instead of sitting in `sending` until the lease runs out.
@@ -1033,6 +1075,8 @@ class DestinationStatus:
     """One destination's queue, for `saf forward status`."""
 
     destination: str
+    kind: str
+    """``forward`` (studies) or ``commitment`` (Storage Commitment reports to that AE)."""
     pending: int
     sending: int
     done: int
@@ -1046,18 +1090,22 @@ class DestinationStatus:
 
 
 def status(hub: Hub) -> list[DestinationStatus]:
-    """Per destination: job counts by state, next attempt and last error (no PHI)."""
+    """Per destination and kind: job counts by state, next attempt and last error (no PHI)."""
+    is_report = ForwardJob.report.is_not(None)
     with hub.sessions() as session:
-        counts: dict[str, dict[str, int]] = {}
-        for destination, state, n in session.execute(
-            select(ForwardJob.destination, ForwardJob.state, func.count())
-            .group_by(ForwardJob.destination, ForwardJob.state)
+        counts: dict[tuple[str, bool], dict[str, int]] = {}
+        for destination, report, state, n in session.execute(
+            select(ForwardJob.destination, is_report, ForwardJob.state, func.count())
+            .group_by(ForwardJob.destination, is_report, ForwardJob.state)
         ):  # fmt: skip
-            counts.setdefault(destination, {})[state] = int(n)
+            counts.setdefault((destination, bool(report)), {})[state] = int(n)
         out = []
-        for destination in sorted(counts):
+        for destination, report in sorted(counts):
             open_jobs = ForwardJob.state.in_(("pending", "sending", "failed"))
-            mine = ForwardJob.destination == destination
+            mine = and_(
+                ForwardJob.destination == destination,
+                is_report if report else ForwardJob.report.is_(None),
+            )
             next_at = session.scalar(
                 select(func.min(ForwardJob.next_attempt_at)).where(
                     mine, ForwardJob.state == "pending"
@@ -1070,8 +1118,9 @@ def status(hub: Hub) -> list[DestinationStatus]:
                 .order_by(ForwardJob.updated_at.desc())
                 .limit(1)
             )
-            c = counts[destination]
-            out.append(DestinationStatus(destination, c.get("pending", 0), c.get("sending", 0),
+            c = counts[(destination, report)]
+            out.append(DestinationStatus(destination, "commitment" if report else "forward",
+                                         c.get("pending", 0), c.get("sending", 0),
                                          c.get("done", 0), c.get("failed", 0), attempts or 0,
                                          next_at, last_error))  # fmt: skip
     return out
@@ -1106,7 +1155,8 @@ class JobView:
     destination: str
     rule: str
     state: str
-    study_id: str
+    study_id: str | None
+    """None for a commitment report."""
     scope: str
     series_uids: list[str] | None
     deidentify: bool
@@ -1176,7 +1226,7 @@ def get_job(hub: Hub, job_id: int) -> JobDetail | None:
                 .order_by(ForwardAck.acked_at, ForwardAck.instance_id)
             )
         }
-        study = session.get(Study, job.study_pk)
+        study = session.get(Study, job.study_pk) if job.study_pk else None
         if study is None:
             return JobDetail(_view(job), acked, None, None)
         return JobDetail(_view(job), acked, study.clinic_id, study.patient_pk)

@@ -483,8 +483,9 @@ class FhirToken(Base):
 
 
 class ForwardJob(Base):
-    """One study to send to one forwarding destination (saf.forwarding): its own retry
-    schedule, so a destination that is down delays only its own jobs."""
+    """One study to send to one forwarding destination (saf.forwarding), or one Storage
+    Commitment report to deliver to the AE that asked for it (`report` set, no study):
+    its own retry schedule, so a destination that is down delays only its own jobs."""
 
     __tablename__ = "forward_job"
     __table_args__ = (
@@ -497,7 +498,8 @@ class ForwardJob(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     destination: Mapped[str] = mapped_column(String(255), index=True)
     """The destination URL as the rules name it (dicom://AET@host:port or https://...)."""
-    study_pk: Mapped[str] = mapped_column(ForeignKey("study.id"), index=True)
+    study_pk: Mapped[str | None] = mapped_column(ForeignKey("study.id"), index=True)
+    """The study to send; None for a commitment report."""
     rule: Mapped[str] = mapped_column(String(64))
     """Name of the (first) forwarding rule that queued the job."""
     token_env: Mapped[str | None] = mapped_column(String(64))
@@ -528,6 +530,10 @@ class ForwardJob(Base):
     """Send de-identified (saf.deidentify, PS3.15 Basic Profile) with per-destination keys."""
     tls_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     """dicoms:// destinations: the server certificate's pinned SHA-256 (hex), if any."""
+    # Migration 0016: Storage Commitment reports (saf.commitment).
+    report: Mapped[str | None] = mapped_column(Text, default=None)
+    """JSON: the commitment request (Transaction UID, references, requesting AE and clinic)
+    and, once verified, the result to report; None for a study forward."""
 
 
 class ForwardAck(Base):

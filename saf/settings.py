@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     """How long a forwarding job keeps retrying (3 days) before it is failed; `saf forward
     retry --failed` starts it again."""
 
+    commitment_report_max_age_seconds: float = Field(default=86400.0, gt=0)
+    """How long a Storage Commitment report keeps retrying (1 day) before it is dropped
+    (logged and audited); the requester must then ask again."""
+
     forward_lease_seconds: float = Field(default=900.0, gt=0)
     """A job in `sending` without progress for this long (its worker died) is taken again."""
 

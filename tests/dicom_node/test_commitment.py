@@ -1,12 +1,17 @@
 """Storage Commitment Push Model with pynetdicom as the SCU: the report comes back on the
-same association, or on a new one when the requester hung up; failures say why."""
+same association, or on a new one when the requester hung up; failures say why; the report
+is a durable job that is retried until the requester listens, across a hub restart, and
+dropped (audited) when too old."""
 
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -18,13 +23,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
 )
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from dicom_node.commitment import make_report_transport
+from dicom_node.forward import make_transport
 from dicom_node.scp import DicomNode
 from saf.clinics import add_clinic
+from saf.forwarding import forward_due, status
 from saf.hub import Hub
 from saf.ingest import Sender, ingest_part10
-from saf.models import Instance
+from saf.models import AuditRecord, ForwardJob, Instance, utcnow
+from saf.settings import Settings
 from tests.factories import make_study
 from tests.interop.conftest import free_port
 
@@ -182,3 +191,127 @@ def test_peer_without_store_permission_gets_no_commitment_context(world: World) 
     assert not assoc.is_established or not assoc.accepted_contexts
     if assoc.is_established:
         assoc.release()
+
+
+def _jobs(hub: Hub) -> list[ForwardJob]:
+    with hub.sessions() as session:
+        jobs = list(session.scalars(select(ForwardJob).where(ForwardJob.report.is_not(None))))
+        session.expunge_all()
+        return jobs
+
+
+def _wait_for_state(hub: Hub, state: str) -> ForwardJob:
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while time.monotonic() < deadline:
+        jobs = _jobs(hub)
+        if jobs and jobs[0].state == state:
+            return jobs[0]
+        time.sleep(0.05)
+    raise AssertionError(f"commitment job never reached {state}: {_jobs(hub)}")
+
+
+def _listener(port: int, reports: queue.Queue[tuple[int, Dataset]]) -> Any:
+    scu = AE(ae_title="MODALITY_A")
+    scu.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    return scu.start_server(
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, _on_report(reports))],
+    )  # fmt: skip
+
+
+def _deliver_due(hub: Hub) -> None:
+    with hub.sessions.begin() as session:  # due now, instead of after the backoff
+        session.execute(update(ForwardJob).values(next_attempt_at=utcnow()))
+    forward_due(hub, make_transport("SAF"), make_report_transport("SAF"))
+
+
+def test_the_report_is_a_job_shown_as_commitment(hub: Hub, world: World) -> None:
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    request = _request(_refs(world.paths))
+    assert _commit(world.port, "MODALITY_A", request, reports, keep=True) == 0x0000
+    job = _wait_for_state(hub, "done")
+    assert job.study_pk is None and job.rule == "storage-commitment"
+    assert job.destination == "dicom://MODALITY_A@127.0.0.1"  # no port registered
+    [row] = [r for r in status(hub) if r.kind == "commitment"]
+    assert (row.destination, row.done, row.pending, row.failed) == (job.destination, 1, 0, 0)
+
+
+def test_report_delivered_once_the_requesters_scp_comes_up(hub: Hub, world: World) -> None:
+    listen = free_port()
+    add_clinic(hub, "Clinic A", "MODALITY_A", "127.0.0.1", port=listen)
+    unknown = (CTImageStorage, generate_uid())
+    request = _request([*_refs(world.paths[:2]), unknown])
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    assert _commit(world.port, "MODALITY_A", request, reports, keep=False) == 0x0000
+    job = _wait_for_state(hub, "pending")  # nobody listening yet: first attempt failed
+    assert job.attempts == 1 and "no association" in (job.last_error or "")
+    assert job.destination == f"dicom://MODALITY_A@127.0.0.1:{listen}"
+    [row] = [r for r in status(hub) if r.kind == "commitment"]
+    assert row.pending == 1 and row.next_attempt_at is not None
+    server = _listener(listen, reports)
+    try:
+        _deliver_due(hub)
+        event_type, info = _reported(reports)
+    finally:
+        server.shutdown()
+    assert event_type == 2 and info.TransactionUID == request.TransactionUID
+    assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(
+        uid for _, uid in _refs(world.paths[:2])
+    )
+    assert [(i.ReferencedSOPInstanceUID, int(i.FailureReason)) for i in info.FailedSOPSequence] == [
+        (unknown[1], 0x0112)
+    ]
+    assert _jobs(hub)[0].state == "done"
+
+
+def test_a_hub_restart_between_n_action_and_delivery_still_delivers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    hub = Hub.open(settings, create=True)
+    listen = free_port()
+    clinic = add_clinic(hub, "Clinic A", "MODALITY_A", "127.0.0.1", port=listen).id
+    paths = make_study(tmp_path / "a", "ct", count=2, size=16, seed=33)
+    for path in paths:
+        ingest_part10(hub, path, Sender(clinic, "test:a"))
+    node = DicomNode(hub)
+    node.start()
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    try:
+        request = _request(_refs(paths))
+        assert _commit(node.address[1], "MODALITY_A", request, reports, keep=False) == 0
+        _wait_for_state(hub, "pending")
+    finally:
+        node.stop()
+        hub.close()
+    restarted = Hub.open(settings)
+    server = _listener(listen, reports)
+    try:
+        _deliver_due(restarted)
+        event_type, info = _reported(reports)
+        assert _jobs(restarted)[0].state == "done"
+    finally:
+        server.shutdown()
+        restarted.close()
+    assert event_type == 1 and info.TransactionUID == request.TransactionUID
+    assert len(info.ReferencedSOPSequence) == 2
+
+
+def test_a_report_too_old_is_dropped_and_audited(hub: Hub, world: World) -> None:
+    add_clinic(hub, "Clinic A", "MODALITY_A", "127.0.0.1", port=free_port())
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+    request = _request(_refs(world.paths[:1]))
+    assert _commit(world.port, "MODALITY_A", request, reports, keep=False) == 0x0000
+    _wait_for_state(hub, "pending")
+    age = timedelta(seconds=hub.settings.commitment_report_max_age_seconds + 1)
+    with hub.sessions.begin() as session:
+        session.execute(update(ForwardJob).values(queued_at=utcnow() - age))
+    _deliver_due(hub)
+    job = _jobs(hub)[0]
+    assert job.state == "failed" and "dropped" in (job.last_error or "")
+    with hub.sessions() as session:
+        records = session.scalars(
+            select(AuditRecord).where(AuditRecord.event == "dicom-commitment")
+        ).all()
+        assert [r.clinic_id for r in records] == [world.clinic_id]
+        assert request.TransactionUID in (records[0].detail or "")
+    assert reports.empty()

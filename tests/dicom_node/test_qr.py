@@ -371,3 +371,19 @@ def test_stored_dataset_is_the_stored_bytes_after_the_file_meta(world: World) ->
     # File Meta that disagrees with the index: not sent as stored, parsed in full instead.
     wrong = StoredInstance(**{**item.__dict__, "transfer_syntax_uid": ImplicitVRLittleEndian})
     assert StoredDataset.from_part10(data, wrong) is None
+
+
+def test_file_meta_is_read_as_pydicom_reads_it(world: World, tmp_path: Path) -> None:
+    from dicom_node.qr import _file_meta, _file_meta_pydicom
+
+    for path in [*world.a_study, *world.b_study]:
+        data = path.read_bytes()
+        assert _file_meta(data) == _file_meta_pydicom(data)
+    ds = dcmread(world.a_study[0])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.45"  # odd: padded
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    data = (tmp_path / "odd.dcm").read_bytes()
+    assert _file_meta(data) == _file_meta_pydicom(data)
+    assert _file_meta(data)[1:] == (JPEGBaseline8Bit, "1.2.3.45")

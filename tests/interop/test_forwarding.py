@@ -134,13 +134,14 @@ def test_down_destination_gets_everything_once_up_and_never_blocks_the_other(
         [late_row] = [line for line in shown.splitlines() if f":{down_port}" in line]
         [up_row] = [line for line in shown.splitlines() if f":{up_port}" in line]
         cells = [c.strip() for c in late_row.split("│")[1:-1]]
-        _, pending, sending, done, failed, attempts, next_at, error = cells
+        _, kind, pending, sending, done, failed, attempts, next_at, error = cells
+        assert kind == "forward", late_row
         assert pending == "1" or sending == "1", late_row
         assert (done, failed) == ("0", "0"), late_row
         assert next_at or sending == "1", late_row  # when the next attempt is due
         assert int(attempts) >= 2, late_row  # retried with backoff, not given up
         assert "no association" in error, late_row
-        assert [c.strip() for c in up_row.split("│")[1:-1]][3] == "1", up_row  # done
+        assert [c.strip() for c in up_row.split("│")[1:-1]][4] == "1", up_row  # done
 
         procs.append(_storescp(down_port, late_out, "LATE"))
         _wait("the late destination", lambda: _received(late_out) == expected)

@@ -1,0 +1,336 @@
+"""pynetdicom on the node's send path: fewer Python steps per DIMSE message.
+
+A C-GET of a 200-slice CT to a peer with dcmtk's 16 KiB maximum PDU is about 7,000
+P-DATA PDUs. Upstream, each one is its own primitive in the DUL queue, its own pass
+through the reactor loop and state machine, its own `socket.send`, and its own
+EVT_PDU_SENT/EVT_DATA_SENT hooks; the command set of every message is encoded twice
+by pydicom's general writer. This module changes three things, each guarded:
+
+* `quiet_event_logging`: pynetdicom's standard per-PDU and per-message log handlers
+  format every PDU even when nothing is logged; they are bound only when the
+  ``pynetdicom`` logger would print them (``saf ... --verbose``).
+* `encode_command_set`: the command set (group 0000, Implicit VR Little Endian, a few
+  VRs) is written directly; anything unusual goes to pydicom as before.
+* the DIMSE send: all P-DATA-TF PDUs of one message are encoded at once and handed to
+  the DUL as one primitive, which the state machine's DT-1/AR-7 actions write with one
+  `send`. The PDUs are byte-identical to upstream's (same fragmentation, one PDV per
+  PDU). The fast path is skipped, per message, when anybody bound EVT_PDU_SENT or
+  EVT_DATA_SENT on the association (they expect one event per PDU) or when the data set
+  is streamed from a file.
+
+`install()` applies the replacements only to the pynetdicom series they were written
+against (`PYNETDICOM_SERIES`) and only when the functions they replace are still
+upstream's own; otherwise it logs why and leaves pynetdicom as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom
+import pynetdicom.dimse
+import pynetdicom.dimse_messages
+import pynetdicom.dul
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import _config, evt, fsm
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dsutils import encode as _pydicom_encode
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
+
+PYNETDICOM_SERIES = "3.0."
+"""pynetdicom versions whose internals the replacements were checked against."""
+
+_lock = threading.Lock()
+_installed = False
+
+_upstream_send_msg: Callable[..., None] = DIMSEServiceProvider.send_msg
+_upstream_dt_1: Callable[[Any], str] = fsm.DT_1
+_upstream_ar_7: Callable[[Any], str] = fsm.AR_7
+
+
+def quiet_event_logging() -> None:
+    """Bind pynetdicom's standard log handlers only if its logger would print them.
+
+    Applies to associations created after the call (pynetdicom binds them per
+    association).
+    """
+    verbose = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+    _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+
+
+def install() -> bool:
+    """Replace pynetdicom's command encoder and DIMSE send with the fast ones.
+
+    Idempotent. Returns whether the fast path is in use.
+    """
+    global _installed
+    with _lock:
+        if _installed:
+            return True
+        version = str(getattr(pynetdicom, "__version__", ""))
+        if not version.startswith(PYNETDICOM_SERIES):
+            log.warning(
+                "pynetdicom %s is not %sx: keeping its own DIMSE send path", version,
+                PYNETDICOM_SERIES,
+            )  # fmt: skip
+            return False
+        upstream = (
+            getattr(pynetdicom.dimse_messages, "encode", None) is _pydicom_encode,
+            DIMSEServiceProvider.send_msg is _upstream_send_msg,
+            fsm.ACTIONS["DT-1"][1] is _upstream_dt_1,
+            fsm.ACTIONS["AR-7"][1] is _upstream_ar_7,
+        )
+        if not all(upstream):
+            log.warning("pynetdicom's send path was already replaced (%s); leaving it", upstream)
+            return False
+        pynetdicom.dimse_messages.encode = _encode  # type: ignore[attr-defined]
+        DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+        desc, _, state = fsm.ACTIONS["DT-1"]
+        fsm.ACTIONS["DT-1"] = (desc, _dt_1, state)
+        desc, _, state = fsm.ACTIONS["AR-7"]
+        fsm.ACTIONS["AR-7"] = (desc, _ar_7, state)
+        if getattr(pynetdicom.dul, "time", None) is time:
+            setattr(pynetdicom.dul, "time", _ReactorClock())  # noqa: B010
+        else:
+            log.warning("pynetdicom.dul.time was already replaced; reactor keeps napping")
+        _installed = True
+        return True
+
+
+# ------------------------------------------------------------------ reactor nap
+
+
+class _ReactorClock:
+    """Stands in for the `time` module inside pynetdicom.dul.
+
+    The DUL reactor naps `time.sleep(delay)` whenever a loop found nothing to do, so a
+    peer's response waits for the nap to end, and then for the GIL. Here a reactor
+    thread's nap is a `select` on its socket for the same delay: it wakes as soon as
+    the peer's bytes arrive. Everything else is the real `time`.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(delay: float) -> None:
+        thread = threading.current_thread()
+        transport = (
+            getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
+        )
+        sock = getattr(transport, "socket", None)
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            time.sleep(delay)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        try:
+            select.select([sock], [], [], delay)
+        except (OSError, ValueError):
+            time.sleep(delay)
+
+
+# ------------------------------------------------------------------ command set
+
+_PAD = {"UI": b"\x00", "AE": b" ", "LO": b" ", "SH": b" ", "CS": b" "}
+_INT = {"US": struct.Struct("<H"), "UL": struct.Struct("<I")}
+_ELEMENT = struct.Struct("<HHI")
+
+
+def encode_command_set(ds: Dataset) -> bytes | None:
+    """The command set in Implicit VR Little Endian, as pydicom writes it; None when it
+    holds anything this short writer does not handle (then pydicom is used)."""
+    parts: list[bytes] = []
+    for elem in ds:
+        tag = elem.tag
+        if tag >> 16:
+            return None
+        vr = elem.VR
+        value = elem.value
+        if value is None or value == "":
+            raw = b""
+        elif isinstance(value, (MultiValue, list, tuple, bytes)):
+            return None
+        elif vr in _INT:
+            if not isinstance(value, int):
+                return None
+            raw = _INT[vr].pack(value)
+        elif vr in _PAD:
+            if not isinstance(value, str):
+                return None
+            raw = value.encode("ascii")
+            if len(raw) % 2:
+                raw += _PAD[vr]
+        else:
+            return None
+        parts.append(_ELEMENT.pack(0, tag & 0xFFFF, len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _encode(
+    ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
+) -> bytes | None:
+    """pynetdicom.dimse_messages' encoder: command sets directly, anything else upstream."""
+    if is_implicit_vr and is_little_endian and not deflated:
+        try:
+            encoded = encode_command_set(ds)
+        except (UnicodeEncodeError, struct.error):
+            encoded = None
+        if encoded is not None:
+            return encoded
+    return _pydicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
+# ------------------------------------------------------------------ P-DATA
+
+
+class EncodedPData(P_DATA):
+    """Every P-DATA-TF PDU of one DIMSE message, already encoded, sent with one write."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+
+_PDU_HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">IBB")
+
+
+def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int) -> bytes:
+    """The P-DATA-TF PDUs pynetdicom would send for this message, concatenated.
+
+    One PDV per PDU, fragments of at most ``max_pdu - 6`` bytes (0: unlimited), control
+    header 0x01/0x03 for command fragments and 0x00/0x02 for data set fragments, as
+    `DIMSEMessage.encode_msg` and `P_DATA_TF.encode` do.
+    """
+    out: list[bytes] = []
+    for stream, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
+        if stream is data and not data:
+            break
+        if 0 < max_pdu < 7:
+            raise ValueError("a maximum PDU length cannot be between 1 and 6")
+        size = max(len(stream), 1) if max_pdu == 0 else max_pdu - 6
+        start = 0
+        while True:
+            fragment = stream[start : start + size]
+            start += size
+            final = start >= len(stream)
+            pdv_length = len(fragment) + 2
+            out.append(_PDU_HEADER.pack(0x04, 0x00, pdv_length + 4))
+            out.append(_PDV_HEADER.pack(pdv_length, context_id, last if final else more))
+            out.append(fragment)
+            if final:
+                break
+    return b"".join(out)
+
+
+def _fast_path(assoc: Any) -> bool:
+    return not assoc.get_handlers(evt.EVT_PDU_SENT) and not assoc.get_handlers(evt.EVT_DATA_SENT)
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """DIMSEServiceProvider.send_msg, with all PDUs of the message queued as one."""
+    if not _fast_path(self.assoc):
+        _upstream_send_msg(self, primitive, context_id)
+        return
+    table: Any = (
+        pynetdicom.dimse._RQ_TO_MESSAGE
+        if primitive.MessageIDBeingRespondedTo is None
+        else pynetdicom.dimse._RSP_TO_MESSAGE
+    )
+    dimse_msg = table[primitive.__class__]()
+    dimse_msg.primitive_to_message(primitive)
+    dimse_msg.context_id = context_id
+    evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": dimse_msg})
+    if getattr(dimse_msg, "_data_set_path", None) is not None:
+        for pdata in dimse_msg.encode_msg(context_id, self.maximum_pdu_size):
+            self.dul.send_pdu(pdata)
+        return
+    command = _encode(dimse_msg.command_set, True, True)
+    if command is None:
+        raise ValueError("cannot encode the DIMSE command set")
+    data = dimse_msg.data_set.getvalue() if dimse_msg.data_set is not None else b""
+    _send_now_or_queue(
+        self.dul, EncodedPData(encode_pdata_pdus(context_id, command, data, self.maximum_pdu_size))
+    )
+
+
+_dul_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def _send_lock(dul: Any) -> threading.Lock:
+    """The lock that orders this association's P-DATA writes (direct and queued)."""
+    with _lock:
+        lock = _dul_locks.get(dul)
+        if lock is None:
+            lock = _dul_locks[dul] = threading.Lock()
+        return lock
+
+
+def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
+    """Write the message from the calling (DIMSE) thread when nothing is queued before it
+    and the association is established; otherwise queue it for the reactor.
+
+    The reactor would take it at its next poll, which costs a thread hand-off and a
+    nap per message. Order is kept: the queued path sends under the same lock, so a
+    primitive taken off the queue is on the wire before a direct write starts. The one
+    PDU the reactor sends unprompted in Sta6 is an A-ABORT for a peer's invalid PDU,
+    after which the association is gone either way.
+    """
+    with _send_lock(dul):
+        socket = dul.socket
+        if (
+            socket is not None
+            and dul.state_machine.current_state == "Sta6"
+            and not dul.to_provider_queue.queue
+        ):
+            socket.send(pdata.encoded)
+            return
+        dul.send_pdu(pdata)
+
+
+def _send_encoded(dul: Any, upstream: Callable[[Any], str]) -> str | None:
+    """Run a DT-1/AR-7 action under the send lock; an EncodedPData is written as is."""
+    with _send_lock(dul):
+        head = dul.to_provider_queue.queue[0] if dul.to_provider_queue.queue else None
+        if not isinstance(head, EncodedPData):
+            return upstream(dul)
+        dul.to_provider_queue.get(False)
+        if dul.socket is not None:
+            dul.socket.send(head.encoded)
+        else:
+            log.warning("attempted to send data over a closed connection")
+        return None
+
+
+def _dt_1(dul: Any) -> str:
+    """DT-1 (Sta6 + Evt9): send the P-DATA-TF PDU(s)."""
+    return _send_encoded(dul, _upstream_dt_1) or "Sta6"
+
+
+def _ar_7(dul: Any) -> str:
+    """AR-7 (Sta8 + Evt9): send the P-DATA-TF PDU(s) during a release."""
+    return _send_encoded(dul, _upstream_ar_7) or "Sta8"
+
+
+__all__ = [
+    "EncodedPData",
+    "encode_command_set",
+    "encode_pdata_pdus",
+    "install",
+    "quiet_event_logging",
+]
