@@ -1,7 +1,7 @@
 """storage commitment reports as forwarding jobs: forward_job.study_pk optional, report column
 
 Revision ID: 0016
-Revises: 0014
+Revises: 0015
 Create Date: 2026-12-05 16:40:00
 """
 
