@@ -290,20 +290,7 @@ def read_task(task_id: str, request: Request, principal: CurrentPrincipal, hub: 
     """Read a case as a Task."""
     check_format(request)
     require_scope("Task", "r")(principal, request, hub)
-    with hub.sessions() as session:
-        case = tenancy.get_case(session, principal, task_id)
-        task = task_of(session, principal, case) if case is not None else None
-    if case is None or task is None:
-        audit.record(
-            hub,
-            "read",
-            principal,
-            outcome=audit.MINOR_FAILURE,
-            entity_type="Task",
-            entity_id=task_id[:64],
-            detail="not found or not visible to the caller",
-        )
-        raise FhirError(404, f"Task/{task_id} is not known")
+    case, task = _current(hub, principal, task_id, "read")
     audit.record(
         hub,
         "read",
@@ -349,15 +336,18 @@ async def patch_task(
     return _apply(request, hub, principal, case, current, wanted, version, "patch")
 
 
-def _current(hub: Hub, principal: Principal, task_id: str) -> tuple[Case, dict[str, Any]]:
-    """The case and its Task as the caller reads it; 404 (audited) when not theirs."""
+def _current(
+    hub: Hub, principal: Principal, task_id: str, event: str = "update"
+) -> tuple[Case, dict[str, Any]]:
+    """The case and its Task as the caller reads it; 404 (audited as `event`) when not
+    theirs."""
     with hub.sessions() as session:
         case = tenancy.get_case(session, principal, task_id)
         task = task_of(session, principal, case) if case is not None else None
     if case is None or task is None:
         audit.record(
             hub,
-            "update",
+            event,
             principal,
             outcome=audit.MINOR_FAILURE,
             entity_type="Task",
