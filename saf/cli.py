@@ -487,6 +487,26 @@ def stats(ctx: typer.Context) -> None:
     out.print_json(json.dumps(collect(open_hub(ctx))))
 
 
+@app.command()
+def backfill(ctx: typer.Context) -> None:
+    """Make what studies stored before an upgrade lack: each instance's metadata row
+    (WADO-RS metadata from the index) and missing thumbnails. Safe to run again, and
+    while the hub runs."""
+    from saf import instance_metadata
+    from saf.thumbnails import make_study_thumbnails
+
+    hub = open_hub(ctx)
+    studies = instance_metadata.studies_missing(hub)
+    metadata = thumbnails = 0
+    for study_pk in studies:
+        report = make_study_thumbnails(hub, study_pk)
+        metadata += report.metadata
+        thumbnails += report.made
+    out.print_json(
+        json.dumps({"studies": len(studies), "metadata_rows": metadata, "thumbnails": thumbnails})
+    )
+
+
 @app.command("fsck")
 def fsck_command(
     ctx: typer.Context,

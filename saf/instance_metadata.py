@@ -19,14 +19,15 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, and_, delete, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import aliased
 
 from saf.crypto import bytes_key_id, open_bytes, reseal_bytes, seal_bytes
 from saf.dicomjson import encode, to_json
 from saf.hub import Hub
-from saf.models import InstanceMetadata, utcnow
+from saf.models import Instance, InstanceMetadata, Series, utcnow
 
 FORMAT: Final = 1
 """Version of the JSON rows hold; a row of another format is made again when asked for."""
@@ -136,6 +137,28 @@ def missing(hub: Hub, instance_ids: Iterable[str]) -> set[str]:
                 )
             )
     return set(wanted) - have
+
+
+def studies_missing(hub: Hub) -> list[str]:
+    """Primary keys of the studies where the newest version of some instance has no
+    current row (stored before the table existed, or a row of an older FORMAT)."""
+    newer = aliased(Instance)
+    query = (
+        select(Series.study_pk)
+        .distinct()
+        .join(Instance, Instance.series_pk == Series.id)
+        .where(
+            ~exists().where(
+                newer.series_pk == Instance.series_pk,
+                newer.sop_instance_uid == Instance.sop_instance_uid,
+                newer.version > Instance.version,
+            ),
+            ~exists().where(and_(_table.c.instance_id == Instance.id, _table.c.format == FORMAT)),
+        )
+        .order_by(Series.study_pk)
+    )
+    with hub.engine.connect() as conn:
+        return list(conn.scalars(query))
 
 
 def forget(conn: Connection, instance_ids: Sequence[str]) -> None:
