@@ -13,7 +13,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from saf.crypto import open_value, seal_value
+from saf.crypto import open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal
@@ -695,6 +695,33 @@ def open_notes(hub: Hub, case_id: str, sealed: str | None) -> list[dict[str, Any
         return []
     text = open_value(hub.keyring, sealed, context=_note_context(case_id))
     return cast(list[dict[str, Any]], json.loads(text))
+
+
+def reseal(hub: Hub, new_key_id: str) -> int:
+    """Reseal the cases' notes (current and per event) under the active key
+    (saf.keys.rotate); how many values were resealed."""
+    keyring = hub.keyring
+    resealed = 0
+    with transaction(hub.sessions) as session:
+        for case_id, token in session.execute(
+            select(Case.id, Case.note_sealed).where(Case.note_sealed.is_not(None))
+        ).tuples():
+            if token is not None and value_key_id(token) != new_key_id:
+                new = reseal_value(keyring, token, context=_note_context(case_id))
+                session.execute(update(Case).where(Case.id == case_id).values(note_sealed=new))
+                resealed += 1
+        for event_id, event_case, token in session.execute(
+            select(CaseEvent.id, CaseEvent.case_id, CaseEvent.note_sealed).where(
+                CaseEvent.note_sealed.is_not(None)
+            )
+        ).tuples():
+            if token is not None and value_key_id(token) != new_key_id:
+                new = reseal_value(keyring, token, context=_note_context(event_case))
+                session.execute(
+                    update(CaseEvent).where(CaseEvent.id == event_id).values(note_sealed=new)
+                )
+                resealed += 1
+    return resealed
 
 
 def _seal_notes(hub: Hub, case_id: str, notes: Sequence[dict[str, Any]]) -> str | None:

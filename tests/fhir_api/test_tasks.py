@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from saf.app import create_app
+from saf.crypto import value_key_id
 from saf.hub import Hub
+from saf.keys import rotate
 from saf.models import AuditRecord, Case, CaseEvent
 from tests.factories import client_token, login_as, make_client
 from tests.fhir_api.test_routes import patient, service_request
@@ -399,6 +401,25 @@ def test_notes_are_added_stamped_kept_and_sealed(world: World) -> None:
     assert sealed is not None and "QUIXOTE" not in sealed
     assert not any("QUIXOTE" in (e or "") for e in events)
     assert not any("QUIXOTE" in (d or "") for d in details)
+
+
+def test_key_rotation_reseals_notes(world: World) -> None:
+    noted = world.patch([{"op": "add", "path": "/note", "value": [{"text": "n1"}]}], world.ehr)
+    assert noted.status_code == 200, noted.text
+    report = rotate(world.hub)
+    with world.hub.sessions() as session:
+        tokens = [session.get_one(Case, world.case_id).note_sealed]
+        tokens += session.scalars(
+            select(CaseEvent.note_sealed).where(CaseEvent.note_sealed.is_not(None))
+        ).all()
+    assert len(tokens) == 2  # the case's, and the event's that added it
+    assert all(t is not None and value_key_id(t) == report.new_key_id for t in tokens)
+    assert world.read().json()["note"] == noted.json()["note"]
+    version = noted.json()["meta"]["versionId"]
+    again = world.client.get(
+        f"/fhir/Task/{world.case_id}/_history/{version}", headers=world.clinician
+    )
+    assert again.json() == noted.json()
 
 
 # --------------------------------------------------------------------------- vread, history
