@@ -317,11 +317,12 @@ def _case_for_referral(hub: Hub, session: Session, referral: Referral, rules: Ru
     if existing is None:
         _route_new(session, target, rules)
         return target.id
-    _record(session, target.id, "saf", target.status, target.status, "referral added")
     if target.priority != referral.priority:
         target.priority = referral.priority
         target.due_at = due_at(hub, referral.priority, target.created_at)
         target.updated_at = utcnow()
+    # After the referral's priority applies: the event records the case as it now is.
+    _record(session, target.id, "saf", target.status, target.status, "referral added")
     _reroute(hub, session, target, rules)
     return target.id
 

@@ -494,6 +494,42 @@ def test_vread_and_history_replay_the_case(world: World) -> None:
     assert f"history: 2 of {latest} versions" in reads
 
 
+def test_newest_version_is_the_read_after_a_referral_joins(world: World) -> None:
+    """A second referral (same accession) joins the case and raises its priority: the
+    event it makes records the case after that, so the newest version is the read."""
+    task = world.read().json()
+    pid = task["for"]["reference"].split("/")[1]
+    second = service_request(
+        pid,
+        identifier=[
+            {"system": "urn:oid:1.3.4.5.6.7", "value": "SECOND-ORDER"},
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                    ]
+                },
+                "system": "urn:oid:1.3.4.5.6.8",
+                "value": "ACC-77",
+            },
+        ],
+        priority="stat",
+    )
+    sent = world.client.post(
+        "/fhir/ServiceRequest",
+        content=json.dumps(second),
+        headers={**world.ehr, "Content-Type": FHIR},
+    )
+    assert sent.status_code == 201, sent.text
+    now = world.read().json()
+    assert now["priority"] == "stat" and len(now["basedOn"]) == 2
+    newest = world.client.get(
+        f"/fhir/Task/{world.case_id}/_history/{now['meta']['versionId']}",
+        headers=world.clinician,
+    )
+    assert newest.json() == now
+
+
 def test_history_of_events_recorded_before_task_versions(world: World) -> None:
     """Events from before migration 0017 kept no state: their versions show the status
     and time the event has, and the rest as the next version has it."""
