@@ -20,6 +20,9 @@ finished already or another live referral still asks for it.
 Writes come in two layers: `create_in`, `update_in`, `delete_in` and `search_in` work in
 the caller's Session (a transaction Bundle puts all its entries in one database
 transaction); `create`, `update`, `delete` and `search` are the one-resource wrappers.
+A conditional create (``If-None-Exist``: `create_if_none_exist`; a Bundle's
+``ifNoneExist`` through `lock_condition`) searches and creates in one transaction under a
+lock on its criteria, so two identical ones racing make one resource.
 Case effects run after the commit, in `settle`, idempotently (a referral's on_referral
 finds the same case again; a case already at the target status is left alone), because
 saf.cases commits its own transactions: a crash between commit and settle leaves the
