@@ -254,6 +254,8 @@ def _write(session: Session, hub: Hub, principal: Principal, entry: Entry) -> Re
     assert entry.resource is not None
     if entry.method == "POST":
         if entry.if_none_exist is not None:
+            # Held to the end of the entry's transaction: search and create are one step.
+            fhir_store.lock_condition(session, principal, entry.resource_type, entry.if_none_exist)
             found = _match(
                 session,
                 hub,
@@ -385,6 +387,21 @@ def _allowed(principal: Principal, request: Request, hub: Hub, entry: Entry) -> 
     require_scope(entry.resource_type, interaction)(principal, request, hub)
 
 
+def _lock_conditions(session: Session, principal: Principal, entries: list[Entry]) -> None:
+    """Take the lock of every ifNoneExist (saf.fhir_store.lock_condition) up front, held
+    to the commit, so each search and its create are one step; in key order, so two
+    Bundles with the same conditions wait for each other instead of deadlocking."""
+    conditions = {
+        fhir_store.condition_key(principal, e.resource_type, e.if_none_exist): e
+        for e in entries
+        if e.method == "POST" and e.if_none_exist is not None
+    }
+    for key in sorted(conditions):
+        entry = conditions[key]
+        assert entry.if_none_exist is not None
+        fhir_store.lock_condition(session, principal, entry.resource_type, entry.if_none_exist)
+
+
 def _transaction(
     request: Request, hub: Hub, principal: Principal, entries: list[Entry], base: str
 ) -> dict[str, Any]:
@@ -412,6 +429,7 @@ def _transaction(
         _seal_documents(hub, entries)
         with transaction(hub.sessions) as session:
             # ifNoneExist first: a matched POST names the existing resource instead.
+            _lock_conditions(session, principal, ordered)
             for entry in ordered:
                 if entry.method == "POST" and entry.if_none_exist is not None:
                     current = entry

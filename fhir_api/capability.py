@@ -65,11 +65,14 @@ def capability_statement(base: str, hub: Hub) -> dict[str, Any]:
         {
             "type": "Task",
             "documentation": "A case: its status is the case status. Update and patch "
-            "(JSON Patch) change status, owner (Practitioner/<username>) and priority only; "
-            'completed comes with the reply (DiagnosticReport). If-Match: W/"n" is '
-            "honoured (412 on mismatch); without it the write is unconditional.",
+            "(JSON Patch) change status, owner (Practitioner/<username>) and priority, and "
+            "add notes (note: kept as written, new ones at the end); completed comes with "
+            'the reply (DiagnosticReport). If-Match: W/"n" is honoured (412 on mismatch); '
+            "without it the write is unconditional. Version n is the case after its n-th "
+            "event (vread, _history with _count and _offset); basedOn, focus and for are "
+            "the links as they are now.",
             "versioning": "versioned-update",
-            "readHistory": False,
+            "readHistory": True,
             "updateCreate": False,
             "conditionalUpdate": False,
             "interaction": [{"code": code} for code in TASK_INTERACTIONS],

@@ -291,12 +291,17 @@ async def create(
     base = _base(request, hub)
     condition = request.headers.get("if-none-exist")
     if condition is not None:
-        existing = _conditional_match(hub, principal, resource_type, condition)
-        if existing is not None:
-            _audit(hub, "read", principal, resource_type, existing.id, stored=existing)
-            return _resource_response(base, existing, 200, request, location=True)
-    with _audited(hub, "create", principal, resource_type, None):
-        stored = fhir_store.create(hub, principal, content, _rules(request, hub))
+        query = _condition(resource_type, condition)
+        with _audited(hub, "create", principal, resource_type, None):
+            stored, created = fhir_store.create_if_none_exist(
+                hub, principal, content, query, condition, _rules(request, hub)
+            )
+        if not created:
+            _audit(hub, "read", principal, resource_type, stored.id, stored=stored)
+            return _resource_response(base, stored, 200, request, location=True)
+    else:
+        with _audited(hub, "create", principal, resource_type, None):
+            stored = fhir_store.create(hub, principal, content, _rules(request, hub))
     _audit(
         hub,
         "create",
@@ -309,9 +314,9 @@ async def create(
     return _resource_response(base, stored, 201, request, location=True)
 
 
-def _conditional_match(
-    hub: Hub, principal: Principal, resource_type: str, condition: str
-) -> Stored | None:
+def _condition(resource_type: str, condition: str) -> fhir_store.Search:
+    """The search an ``If-None-Exist`` header names (saf.fhir_store.create_if_none_exist
+    runs it and the create under one lock)."""
     from urllib.parse import parse_qsl
 
     try:
@@ -324,11 +329,7 @@ def _conditional_match(
             f"If-None-Exist needs supported search parameters, got {condition!r}",
             code="not-supported",
         )
-    parsed.search.count = 2
-    found, total = fhir_store.search(hub, principal, resource_type, parsed.search)
-    if total > 1:
-        raise FhirError(412, f"If-None-Exist matches {total} resources", code="duplicate")
-    return found[0] if found else None
+    return parsed.search
 
 
 @router.get("/{resource_type}/{resource_id}")

@@ -6,14 +6,24 @@ change, routing or claim is one); ``basedOn`` lists the referrals (ServiceReques
 joined the case, ``for`` the FHIR Patient of its patient when a client sent one,
 ``performerType`` the worklist (system `WORKLIST_SYSTEM`), ``owner`` the specialist who
 claimed it (``Practitioner/<username>``: saf's user names the practitioner),
-``restriction.period.end`` the due time.
+``restriction.period.end`` the due time, ``note`` the notes clients added (sealed, as
+all free text is).
+
+Versions: version n is the case after its n-th event (saf.cases.task_versions: each event
+records the case's state), so ``vread`` (``GET /Task/<id>/_history/<n>``) and ``history``
+(``GET /Task/<id>/_history``, newest first, ``_count`` and ``_offset``) show what the
+status, priority, owner, worklist, due time and notes were; ``basedOn``, ``focus`` and
+``for`` are the links as they are now (they are not part of the case's state).
 
 Update (``PUT``) and patch (``PATCH``, JSON Patch, ``application/json-patch+json``) change
 what a client may change of a case, and nothing else: ``status`` (claim = ``accepted``,
 ``in-progress``, ``on-hold``, release = ``requested``, ``rejected``, ``cancelled``),
-``owner`` (hand over to another specialist of the worklist) and ``priority``; saf.cases
-.update_task decides who may do which and applies it through the same steps as the
-viewer's claim. ``completed`` is refused (a reply completes a consult); a change of any
+``owner`` (hand over to another specialist of the worklist), ``priority`` and ``note``
+(Annotations: notes are kept as written, so a client adds notes after the ones it read;
+a new note without ``time`` gets the server's, one without an author gets the caller:
+``authorReference`` ``Practitioner/<username>`` for a specialist, else ``authorString``);
+saf.cases.update_task decides who may do which and applies it through the same steps as
+the viewer's claim. ``completed`` is refused (a reply completes a consult); a change of any
 other element is refused (422, with the element's FHIRPath); ``meta``, ``text`` and
 ``lastModified`` in a body are ignored (the server keeps them). ``If-Match: W/"n"`` must
 name the current version (else 412); without it the write is unconditional, as on HAPI
@@ -78,13 +88,13 @@ INCLUDES: Final = {
 """``_include`` values served, with the Task element each follows."""
 
 
-INTERACTIONS: Final = ("read", "search-type", "update", "patch")
+INTERACTIONS: Final = ("read", "vread", "history-instance", "search-type", "update", "patch")
 """Task interactions served (the CapabilityStatement lists exactly these)."""
 
 PRACTITIONER: Final = "Practitioner/"
 """Task.owner is ``Practitioner/<username>`` of the specialist who has the case."""
 
-CHANGEABLE: Final = ("status", "owner", "priority")
+CHANGEABLE: Final = ("status", "owner", "priority", "note")
 """Task elements a client may change (update, patch); see saf.cases.update_task."""
 
 SERVER_KEPT: Final = ("meta", "text", "lastModified")
@@ -98,8 +108,15 @@ def _instant(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any]:
+def task_of(hub: Hub, session: Session, principal: Principal, case: Case) -> dict[str, Any]:
     """The Task resource of a case the caller sees (links only to what it also sees)."""
+    current = cases.TaskVersion.of_case(case, cases.version_of(session, case.id))
+    return _task(hub, case, current, _links(session, principal, case))
+
+
+def _links(session: Session, principal: Principal, case: Case) -> dict[str, Any]:
+    """A case's Task links the caller sees now: ``basedOn`` and ``focus`` (its referrals)
+    and ``for`` (the FHIR Patient of its patient)."""
     visible = tenancy.visible_fhir_resources(principal).where(FhirResource.deleted.is_(False))
     referrals = session.scalars(
         visible.where(
@@ -111,33 +128,46 @@ def task_of(session: Session, principal: Principal, case: Case) -> dict[str, Any
             FhirResource.resource_type == "Patient", FhirResource.patient_pk == case.patient_pk
         ).order_by(FhirResource.last_updated)
     )
+    links: dict[str, Any] = {}
+    if referrals:
+        links["basedOn"] = [{"reference": f"ServiceRequest/{r.id}"} for r in referrals]
+        links["focus"] = {"reference": f"ServiceRequest/{referrals[0].id}"}
+    if patient is not None:
+        links["for"] = {"reference": f"Patient/{patient.id}"}
+    return links
+
+
+def _task(
+    hub: Hub, case: Case, version: cases.TaskVersion, links: dict[str, Any]
+) -> dict[str, Any]:
+    """Task version `version` of a case: the state that version records, with `links`."""
     task: dict[str, Any] = {
         "resourceType": "Task",
         "id": case.id,
         "meta": {
-            "versionId": str(cases.version_of(session, case.id)),
-            "lastUpdated": _instant(case.updated_at),
+            "versionId": str(version.version),
+            "lastUpdated": _instant(version.updated_at),
         },
-        "status": case.status,
+        "status": version.status,
         "intent": "order",
-        "priority": case.priority,
+        "priority": version.priority,
         "code": {"text": "consult"},
         "authoredOn": _instant(case.created_at),
-        "lastModified": _instant(case.updated_at),
-        "restriction": {"period": {"end": _instant(case.due_at)}},
+        "lastModified": _instant(version.updated_at),
+        "restriction": {"period": {"end": _instant(version.due_at)}},
     }
-    if referrals:
-        task["basedOn"] = [{"reference": f"ServiceRequest/{r.id}"} for r in referrals]
-        task["focus"] = {"reference": f"ServiceRequest/{referrals[0].id}"}
-    if patient is not None:
-        task["for"] = {"reference": f"Patient/{patient.id}"}
-    if case.specialty:
-        task["performerType"] = [{"coding": [{"system": WORKLIST_SYSTEM, "code": case.specialty}]}]
-    if case.assigned_to:
+    task.update(links)
+    if version.specialty:
+        task["performerType"] = [
+            {"coding": [{"system": WORKLIST_SYSTEM, "code": version.specialty}]}
+        ]
+    if version.owner:
         task["owner"] = {
-            "reference": f"{PRACTITIONER}{case.assigned_to}",
-            "display": case.assigned_to,
+            "reference": f"{PRACTITIONER}{version.owner}",
+            "display": version.owner,
         }
+    if notes := cases.open_notes(hub, case.id, version.note_sealed):
+        task["note"] = notes
     return task
 
 
@@ -193,7 +223,7 @@ def search_tasks(request: Request, principal: CurrentPrincipal, hub: HubDep) -> 
     with hub.sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         cases = session.scalars(query.order_by(*order).limit(count).offset(offset)).all()
-        tasks = [task_of(session, principal, case) for case in cases]
+        tasks = [task_of(hub, session, principal, case) for case in cases]
     included = _included(hub, principal, tasks, includes)
     audit.record(
         hub,
@@ -303,6 +333,133 @@ def read_task(task_id: str, request: Request, principal: CurrentPrincipal, hub: 
     return fhir_json(task, headers={"ETag": f'W/"{task["meta"]["versionId"]}"'})
 
 
+# --------------------------------------------------------------------------- vread, history
+
+
+HISTORY_COUNT: Final = 50
+"""Versions per page of a Task's history unless ``_count`` says otherwise (at most 200),
+as for the stored resources."""
+
+
+def _versions(
+    hub: Hub, principal: Principal, task_id: str
+) -> tuple[Case, list[cases.TaskVersion], dict[str, Any]]:
+    """The case, its Task's versions (oldest first) and the links the caller sees; 404
+    (audited) when not theirs."""
+    with hub.sessions() as session:
+        case = tenancy.get_case(session, principal, task_id)
+        if case is not None:
+            return case, cases.task_versions(session, case), _links(session, principal, case)
+    _current(hub, principal, task_id, "read")  # raises the audited 404
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@router.get("/Task/{task_id}/_history/{version_id}")
+def vread_task(
+    task_id: str, version_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
+) -> Response:
+    """Read one version of a Task: the case as it was after its n-th event."""
+    check_format(request)
+    require_scope("Task", "r")(principal, request, hub)
+    case, versions, links = _versions(hub, principal, task_id)
+    if not version_id.isdigit() or not 1 <= int(version_id) <= len(versions):
+        audit.record(
+            hub,
+            "read",
+            principal,
+            outcome=audit.MINOR_FAILURE,
+            entity_type="Task",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            patient_pk=case.patient_pk,
+            detail="no such version",
+        )
+        raise FhirError(
+            404, f"Task/{task_id} has no version {version_id[:32]!r} (1 to {len(versions)})"
+        )
+    version = versions[int(version_id) - 1]
+    task = _task(hub, case, version, links)
+    audit.record(
+        hub,
+        "read",
+        principal,
+        entity_type="Task",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        patient_pk=case.patient_pk,
+        detail=f"version {version.version}",
+    )
+    headers = {
+        "ETag": f'W/"{version.version}"',
+        "Last-Modified": format_datetime(version.updated_at.astimezone(UTC), usegmt=True),
+    }
+    return fhir_json(task, headers=headers)
+
+
+@router.get("/Task/{task_id}/_history")
+def task_history(
+    task_id: str, request: Request, principal: CurrentPrincipal, hub: HubDep
+) -> Response:
+    """A Task's versions, newest first (a history Bundle, paged with ``_count`` and
+    ``_offset`` as the stored resources' history is)."""
+    check_format(request)
+    require_scope("Task", "r")(principal, request, hub)
+    try:
+        count = min(200, max(0, int(request.query_params.get("_count", str(HISTORY_COUNT)))))
+        offset = max(0, int(request.query_params.get("_offset", "0")))
+    except ValueError:
+        raise FhirError(400, "_count and _offset must be integers") from None
+    case, versions, links = _versions(hub, principal, task_id)
+    total = len(versions)
+    page = versions[::-1][offset : offset + count]
+    audit.record(
+        hub,
+        "read",
+        principal,
+        entity_type="Task",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        patient_pk=case.patient_pk,
+        detail=f"history: {len(page)} of {total} versions",
+    )
+    base = _base(request, hub)
+    url = f"{base}/Task/{case.id}/_history"
+    bundle_links = [{"relation": "self", "url": f"{url}?_count={count}&_offset={offset}"}]
+    if offset + count < total and count > 0:
+        bundle_links.append(
+            {"relation": "next", "url": f"{url}?_count={count}&_offset={offset + count}"}
+        )
+    if offset > 0 and count > 0:
+        previous = max(0, offset - count)
+        bundle_links.append(
+            {"relation": "previous", "url": f"{url}?_count={count}&_offset={previous}"}
+        )
+    entries = [
+        {
+            "fullUrl": f"{base}/Task/{case.id}",
+            "resource": _task(hub, case, version, links),
+            "request": {
+                "method": "POST" if version.version == 1 else "PUT",
+                "url": "Task" if version.version == 1 else f"Task/{case.id}",
+            },
+            "response": {
+                "status": "201 Created" if version.version == 1 else "200 OK",
+                "etag": f'W/"{version.version}"',
+                "lastModified": _instant(version.updated_at),
+            },
+        }
+        for version in page
+    ]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": total,
+        "link": bundle_links,
+        "entry": entries,
+    }
+    return fhir_json(bundle)
+
+
 # --------------------------------------------------------------------------- update, patch
 
 
@@ -343,7 +500,7 @@ def _current(
     theirs."""
     with hub.sessions() as session:
         case = tenancy.get_case(session, principal, task_id)
-        task = task_of(session, principal, case) if case is not None else None
+        task = task_of(hub, session, principal, case) if case is not None else None
     if case is None or task is None:
         audit.record(
             hub,
@@ -387,7 +544,9 @@ def _patched(current: dict[str, Any], body: bytes) -> dict[str, Any]:
     return patched
 
 
-def _state(task_id: str, current: dict[str, Any], wanted: dict[str, Any]) -> cases.TaskState:
+def _state(
+    principal: Principal, task_id: str, current: dict[str, Any], wanted: dict[str, Any]
+) -> cases.TaskState:
     """The case state a new Task asks for; 400/422 for a body that changes anything else."""
     if wanted.get("id") != task_id:
         raise FhirError(
@@ -404,12 +563,7 @@ def _state(task_id: str, current: dict[str, Any], wanted: dict[str, Any]) -> cas
         issues = [
             issue(
                 "business-rule",
-                f"Task.{name} cannot be changed here: only {', '.join(CHANGEABLE)} can"
-                + (
-                    " (a note to the clinic is a Communication about the Task)"
-                    if name == "note"
-                    else ""
-                ),
+                f"Task.{name} cannot be changed here: only {', '.join(CHANGEABLE)} can",
                 [f"Task.{name}"],
             )
             for name in frozen
@@ -431,7 +585,30 @@ def _state(task_id: str, current: dict[str, Any], wanted: dict[str, Any]) -> cas
         status=str(wanted.get("status")),
         owner=username,
         priority=str(wanted.get("priority") or current["priority"]),
+        notes=_notes(principal, current.get("note") or [], wanted.get("note") or []),
     )
+
+
+def _notes(
+    principal: Principal, kept: list[dict[str, Any]], wanted: list[dict[str, Any]]
+) -> tuple[dict[str, Any], ...]:
+    """The Task.note list `wanted`, its new notes (those after the `kept` ones) stamped
+    with the time and, when they name none, their author (the caller); saf.cases refuses a
+    list that changes or drops a kept note."""
+    now = _instant(datetime.now(UTC))
+    notes: list[dict[str, Any]] = []
+    for n, note in enumerate(wanted):
+        if n >= len(kept) or note != kept[n]:
+            note = dict(note)
+            note.setdefault("time", now)
+            if "authorString" not in note and "authorReference" not in note:
+                author = principal.name or principal.id
+                if tenancy.can_claim(principal):  # a specialist: a Practitioner, as owner is
+                    note["authorReference"] = {"reference": f"{PRACTITIONER}{author}"}
+                else:
+                    note["authorString"] = author
+        notes.append(note)
+    return tuple(notes)
 
 
 _STATUS_OF_REFUSAL: Final[tuple[tuple[type[cases.CaseError], int, str], ...]] = (
@@ -467,7 +644,7 @@ def _apply(
         return FhirError(status, str(exc), code=code, expression=expression)
 
     try:
-        state = _state(case.id, current, wanted)
+        state = _state(principal, case.id, current, wanted)
     except FhirError as exc:
         audit.record(
             hub,
@@ -494,12 +671,14 @@ def _apply(
         raise
     with hub.sessions() as session:
         fresh = session.get_one(Case, case.id)
-        task = task_of(session, principal, fresh)
-    before = (case.status, case.priority, case.assigned_to)
-    after = (fresh.status, fresh.priority, fresh.assigned_to)
+        task = task_of(hub, session, principal, fresh)
+    before = (case.status, case.priority, case.assigned_to, len(current.get("note", [])))
+    after = (fresh.status, fresh.priority, fresh.assigned_to, len(task.get("note", [])))
     steps = [
         f"{name} {old} -> {new}"
-        for name, old, new in zip(("status", "priority", "owner"), before, after, strict=True)
+        for name, old, new in zip(
+            ("status", "priority", "owner", "notes"), before, after, strict=True
+        )
         if old != new
     ]
     audit.record(

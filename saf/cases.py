@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from saf.crypto import open_value, reseal_value, seal_value, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal
@@ -315,11 +317,12 @@ def _case_for_referral(hub: Hub, session: Session, referral: Referral, rules: Ru
     if existing is None:
         _route_new(session, target, rules)
         return target.id
-    _record(session, target.id, "saf", target.status, target.status, "referral added")
     if target.priority != referral.priority:
         target.priority = referral.priority
         target.due_at = due_at(hub, referral.priority, target.created_at)
         target.updated_at = utcnow()
+    # After the referral's priority applies: the event records the case as it now is.
+    _record(session, target.id, "saf", target.status, target.status, "referral added")
     _reroute(hub, session, target, rules)
     return target.id
 
@@ -517,8 +520,35 @@ def _record(
     after: str,
     note: str,
 ) -> None:
+    now = session.execute(
+        select(
+            Case.status,
+            Case.priority,
+            Case.assigned_to,
+            Case.specialty,
+            Case.due_at,
+            Case.updated_at,
+            Case.note_sealed,
+        ).where(Case.id == case_id)
+    ).one()
+    state = {
+        "status": now.status,
+        "priority": now.priority,
+        "owner": now.assigned_to,
+        "specialty": now.specialty,
+        "due_at": now.due_at.isoformat(),
+        "updated_at": now.updated_at.isoformat(),
+    }
     session.add(
-        CaseEvent(case_id=case_id, actor=actor, from_status=before, to_status=after, note=note)
+        CaseEvent(
+            case_id=case_id,
+            actor=actor,
+            from_status=before,
+            to_status=after,
+            note=note,
+            state=state,
+            note_sealed=now.note_sealed,
+        )
     )
     if before != after:
         # In the same transaction: subscribers (saf.subscriptions) hear of every status
@@ -572,12 +602,134 @@ class TaskState:
     owner: str | None
     """Username of the specialist who has the case (``Task.owner``), None for nobody."""
     priority: str
+    notes: tuple[dict[str, Any], ...] = ()
+    """``Task.note``: the Annotations, oldest first. Notes are kept as written: a client
+    adds notes at the end; changing or removing one is refused."""
 
 
 def version_of(session: Session, case_id: str) -> int:
     """The case's Task version: how many events it has had (at least 1)."""
     count = session.scalar(select(func.count()).where(CaseEvent.case_id == case_id)) or 0
     return max(1, int(count))
+
+
+@dataclass(frozen=True)
+class TaskVersion:
+    """A case as its Task showed it after one of its events: Task version `version`."""
+
+    version: int
+    status: str
+    priority: str
+    owner: str | None
+    specialty: str
+    due_at: datetime
+    updated_at: datetime
+    note_sealed: str | None
+
+    @classmethod
+    def of_case(cls, case: Case, version: int) -> TaskVersion:
+        """The case as it is now, as version `version` (its current one)."""
+        return cls(
+            version,
+            case.status,
+            case.priority,
+            case.assigned_to,
+            case.specialty,
+            case.due_at,
+            case.updated_at,
+            case.note_sealed,
+        )
+
+
+def task_versions(session: Session, case: Case) -> list[TaskVersion]:
+    """Every version of the case's Task, oldest first: version n is the case after its
+    n-th event (the state each event recorded). An event recorded before migration 0017
+    kept no state: its version has the event's status and time, and the rest of the next
+    version's (the case's own for the newest), which is what the events can tell."""
+    events = session.execute(
+        select(CaseEvent.at, CaseEvent.to_status, CaseEvent.state, CaseEvent.note_sealed)
+        .where(CaseEvent.case_id == case.id)
+        .order_by(CaseEvent.id)
+    ).all()
+    current = TaskVersion.of_case(case, max(1, len(events)))
+    if not events:
+        return [current]
+    versions: list[TaskVersion] = []
+    later = current
+    for n in range(len(events), 0, -1):
+        at, to_status, state, note_sealed = events[n - 1]
+        if state is not None:
+            version = TaskVersion(
+                n,
+                state["status"],
+                state["priority"],
+                state["owner"],
+                state["specialty"],
+                datetime.fromisoformat(state["due_at"]),
+                datetime.fromisoformat(state["updated_at"]),
+                note_sealed,
+            )
+        elif n == len(events):
+            version = current
+        else:
+            version = replace(
+                later,
+                version=n,
+                status=to_status,
+                updated_at=at,
+                owner=None if to_status in CLAIMABLE else later.owner,
+                note_sealed=None,  # notes came with migration 0017
+            )
+        versions.append(version)
+        later = version
+    versions.reverse()
+    return versions
+
+
+def _note_context(case_id: str) -> str:
+    return f"consult/{case_id}/note"
+
+
+def open_notes(hub: Hub, case_id: str, sealed: str | None) -> list[dict[str, Any]]:
+    """A case's Task.note (a version's, or the current `Case.note_sealed`), opened."""
+    if sealed is None:
+        return []
+    text = open_value(hub.keyring, sealed, context=_note_context(case_id))
+    return cast(list[dict[str, Any]], json.loads(text))
+
+
+def reseal(hub: Hub, new_key_id: str) -> int:
+    """Reseal the cases' notes (current and per event) under the active key
+    (saf.keys.rotate); how many values were resealed."""
+    keyring = hub.keyring
+    resealed = 0
+    with transaction(hub.sessions) as session:
+        for case_id, token in session.execute(
+            select(Case.id, Case.note_sealed).where(Case.note_sealed.is_not(None))
+        ).tuples():
+            if token is not None and value_key_id(token) != new_key_id:
+                new = reseal_value(keyring, token, context=_note_context(case_id))
+                session.execute(update(Case).where(Case.id == case_id).values(note_sealed=new))
+                resealed += 1
+        for event_id, event_case, token in session.execute(
+            select(CaseEvent.id, CaseEvent.case_id, CaseEvent.note_sealed).where(
+                CaseEvent.note_sealed.is_not(None)
+            )
+        ).tuples():
+            if token is not None and value_key_id(token) != new_key_id:
+                new = reseal_value(keyring, token, context=_note_context(event_case))
+                session.execute(
+                    update(CaseEvent).where(CaseEvent.id == event_id).values(note_sealed=new)
+                )
+                resealed += 1
+    return resealed
+
+
+def _seal_notes(hub: Hub, case_id: str, notes: Sequence[dict[str, Any]]) -> str | None:
+    if not notes:
+        return None
+    text = json.dumps(list(notes), separators=(",", ":"), ensure_ascii=False)
+    return seal_value(hub.keyring, text, context=_note_context(case_id))
 
 
 def update_task(
@@ -602,7 +754,9 @@ def update_task(
     - cancelled: the requesting clinic (its clinicians and EHR clients);
     - priority: the requesting clinic, or the specialist who has the case (triage); the
       due time follows, and an unclaimed case is routed again;
-    - completed: nobody; a reply completes a consult.
+    - completed: nobody; a reply completes a consult;
+    - notes (added after the existing ones, which stay as written): the requesting clinic
+      or a specialist of the case's worklist; each addition is an event (a version).
     `if_match` (the version of an ``If-Match`` ETag) must be the current version.
     """
     from saf import tenancy  # tenancy builds on this module's statuses
@@ -693,6 +847,27 @@ def update_task(
             if now not in OPEN:
                 raise IllegalTransition(f"Task/{case_id} is {now}: its priority is final")
             _reprioritise(hub, session, case_id, wanted.priority, actor, rules)
+            changed = True
+        notes = open_notes(hub, case_id, current.note_sealed)
+        if list(wanted.notes) != notes:
+            if list(wanted.notes[: len(notes)]) != notes:
+                raise NotSettable(
+                    "notes are kept as written: add notes after the existing ones, "
+                    "do not change or remove them",
+                    "Task.note",
+                )
+            if not (clinic or specialist or has_it):
+                raise NotPermitted(
+                    "only the requesting clinic or a specialist of the case's worklist adds notes"
+                )
+            session.execute(
+                update(Case)
+                .where(Case.id == case_id)
+                .values(note_sealed=_seal_notes(hub, case_id, wanted.notes), updated_at=utcnow())
+            )
+            status_now = session.scalar(select(Case.status).where(Case.id == case_id)) or status
+            added = len(wanted.notes) - len(notes)
+            _record(session, case_id, actor, status_now, status_now, f"{added} note(s) added")
             changed = True
     return changed
 

@@ -20,6 +20,9 @@ finished already or another live referral still asks for it.
 Writes come in two layers: `create_in`, `update_in`, `delete_in` and `search_in` work in
 the caller's Session (a transaction Bundle puts all its entries in one database
 transaction); `create`, `update`, `delete` and `search` are the one-resource wrappers.
+A conditional create (``If-None-Exist``: `create_if_none_exist`; a Bundle's
+``ifNoneExist`` through `lock_condition`) searches and creates in one transaction under a
+lock on its criteria, so two identical ones racing make one resource.
 Case effects run after the commit, in `settle`, idempotently (a referral's on_referral
 finds the same case again; a case already at the target status is left alone), because
 saf.cases commits its own transactions: a crash between commit and settle leaves the
@@ -58,6 +61,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, cast
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy import delete as sql_delete
@@ -214,6 +218,13 @@ class Forbidden(StoreError):
 
     status = 403
     code = "forbidden"
+
+
+class MultipleMatches(StoreError):
+    """A conditional create's criteria match more than one resource (412)."""
+
+    status = 412
+    code = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -1036,6 +1047,82 @@ def create(
         hub, document, lambda s: create_in(s, hub, principal, content, document=document)
     )
     return settle(hub, principal, [stored], rules)[0]
+
+
+# --------------------------------------------------------------------------- conditional create
+
+
+def condition_key(principal: Principal, resource_type: str, criteria: str) -> int:
+    """A signed 64-bit key for (the caller's tenant, `resource_type`, the criteria with
+    its parameters in a canonical order): equal conditions from the same tenant get the
+    same key, whatever order the client wrote the parameters in."""
+    pairs = sorted(parse_qsl(criteria.strip().lstrip("?"), keep_blank_values=True))
+    tenant = principal.clinic_id or f"*{principal.id}"
+    text = "\x1f".join((tenant, resource_type, urlencode(pairs)))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def lock_condition(
+    session: Session, principal: Principal, resource_type: str, criteria: str
+) -> None:
+    """Serialise conditional creates with the same criteria until `session`'s transaction
+    ends, so that a search and the create that follows it are one step: of two concurrent
+    ``If-None-Exist`` creates of the same resource, the second waits, then finds the first.
+
+    PostgreSQL: a transaction-scoped advisory lock on `condition_key` (released by commit
+    or rollback). SQLite: the database write lock (``BEGIN IMMEDIATE``), taken before the
+    search, which serialises every writer; pysqlite opens a transaction only at the first
+    write, so a transaction that has one open holds that lock already.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        key = condition_key(principal, resource_type, criteria)
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (key,))
+    elif connection.dialect.name == "sqlite":
+        dbapi = connection.connection.dbapi_connection
+        if dbapi is not None and not dbapi.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:  # pragma: no cover - saf runs on SQLite and PostgreSQL only
+        raise NotImplementedError(f"conditional create on {connection.dialect.name}")
+
+
+def match_in(
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    resource_type: str,
+    query: Search,
+    criteria: str,
+) -> Stored | None:
+    """The one resource a conditional create's criteria (`query`, parsed from the
+    `criteria` text) match, under `lock_condition` held to the end of the transaction:
+    None when nothing matches (the caller creates in the same transaction);
+    MultipleMatches when several do."""
+    lock_condition(session, principal, resource_type, criteria)
+    query = replace(query, count=2, offset=0)
+    found, total = search_in(session, hub, principal, resource_type, query)
+    if total > 1:
+        raise MultipleMatches(f"{resource_type}?{criteria.lstrip('?')} matches {total} resources")
+    return found[0] if found else None
+
+
+def create_if_none_exist(
+    hub: Hub,
+    principal: Principal,
+    content: dict[str, Any],
+    query: Search,
+    criteria: str,
+    rules: RuleSet,
+) -> tuple[Stored, bool]:
+    """Conditional create (``If-None-Exist``): in one transaction, under `lock_condition`,
+    the match of `query` if there is one, else a new resource; returns it and whether it
+    was created (then its case effects are settled, as `create` does)."""
+    with transaction(hub.sessions) as session:
+        existing = match_in(session, hub, principal, content["resourceType"], query, criteria)
+        if existing is not None:
+            return existing, False
+        stored = create_in(session, hub, principal, content)
+    return settle(hub, principal, [stored], rules)[0], True
 
 
 def _status(content: dict[str, Any]) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from saf import annotations as anno  # `annotations` is taken by the __future__ import
-from saf import fhir_store, instance_metadata, replies, subscriptions
+from saf import cases, fhir_store, instance_metadata, replies, subscriptions
 from saf.crypto import BlobHeader, reseal_value, rewrap, value_key_id
 from saf.db import transaction
 from saf.hub import Hub
@@ -55,6 +55,7 @@ def rotate(hub: Hub) -> RotationReport:
         + anno.reseal(hub, new_key_id)
         + replies.reseal(hub, new_key_id)
         + instance_metadata.reseal(hub, new_key_id)
+        + cases.reseal(hub, new_key_id)
     )
     return RotationReport(new_key_id, blobs, fields)
 

@@ -279,6 +279,9 @@ class Case(Base):
     assigned_to: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    note_sealed: Mapped[str | None] = mapped_column(Text)
+    """Task.note (a JSON list of Annotations, free text, so PHI) sealed with
+    saf.crypto.seal_value under ``consult/<id>/note``; None when there is none."""
 
 
 class CaseStudy(Base):
@@ -326,6 +329,13 @@ class CaseEvent(Base):
     from_status: Mapped[str | None] = mapped_column(String(16))
     to_status: Mapped[str] = mapped_column(String(16))
     note: Mapped[str] = mapped_column(String(256), default="")
+    """What happened, for people (no PHI: ids, codes, user names)."""
+    state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The case as its Task shows it after this event (saf.cases.TaskSnapshot: status,
+    priority, owner, worklist, due and update times), so each Task version can be read
+    again; None for events recorded before migration 0017."""
+    note_sealed: Mapped[str | None] = mapped_column(Text)
+    """The case's Task.note after this event (a copy of Case.note_sealed)."""
 
 
 class Thumbnail(Base):

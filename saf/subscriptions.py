@@ -86,7 +86,7 @@ PAYLOAD_TYPES: Final = ("application/fhir+json", "application/json")
 LIVE: Final = ("active", "error")
 """Statuses under which events are recorded and delivered."""
 
-TaskRenderer = Callable[[Session, Principal, Case], dict[str, Any]]
+TaskRenderer = Callable[[Hub, Session, Principal, Case], dict[str, Any]]
 """Makes the Task resource of a case as a principal sees it (fhir_api.tasks.task_of; given
 by the composition root, since saf does not import the FHIR package)."""
 
@@ -716,7 +716,7 @@ def deliver(hub: Hub, notification_id: int, render_task: TaskRenderer) -> Delive
                 "response": {"status": "200"},
             }
             if sub.content == "full-resource":
-                entry["resource"] = render_task(session, owner, case)
+                entry["resource"] = render_task(hub, session, owner, case)
             entries.append(entry)
         entries[0]["resource"]["parameter"].append(event)
         patient_pk, clinic_id = case.patient_pk, case.clinic_id

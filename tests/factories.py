@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import socket
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import uvicorn
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from sqlalchemy import func, select
 
 from dicom_node.scp import DicomNode
+from saf.app import create_app
 from saf.clinics import add_clinic, find_clinic_id
 from saf.hub import Hub
 from saf.ingest import Sender
@@ -77,6 +81,57 @@ def running_node(hub: Hub) -> Iterator[tuple[str, int]]:
         yield node.address
     finally:
         node.stop()
+
+
+T = TypeVar("T")
+
+
+@contextmanager
+def served_api(hub: Hub) -> Iterator[str]:
+    """The hub's ASGI app on a real uvicorn server on a free port for the duration of the
+    block (one of several, as API processes are); yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config = uvicorn.Config(
+        create_app(hub), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def at_once(work: Callable[[int], T], n: int) -> list[T]:
+    """`work(0)` .. `work(n - 1)` in `n` threads released together (a barrier), for races;
+    the results in order; the first exception any of them raised is raised again."""
+    start = threading.Barrier(n)
+    results: list[T | BaseException] = [RuntimeError("no result")] * n
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = work(i)
+        except BaseException as exc:  # raised again in the caller's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 TEST_PASSWORD = "correct horse battery staple"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from contextlib import ExitStack
 from typing import Any
 
+import httpx
 from sqlalchemy import func, select
 
 from saf.fsck import fsck
 from saf.models import AuditRecord, Blob, Case, FhirResource, FhirVersion, OutboxEvent
-from tests.factories import stored_blob_ids
+from tests.factories import at_once, served_api, stored_blob_ids
 from tests.fhir_api.test_routes import FHIR, Api, api, patient, service_request
 
 __all__ = ["api"]
@@ -151,6 +153,42 @@ def test_a_failed_transaction_leaves_nothing_blobs_included(api: Api) -> None:
     assert report.ok and report.unindexed == []
     with api.hub.sessions() as session:
         assert session.scalars(select(Case)).all() == []
+
+
+def test_concurrent_if_none_exist_bundles_make_each_resource_once(api: Api) -> None:
+    """Transaction and batch Bundles racing through several API servers, each creating
+    the same two patients with ifNoneExist (transactions in both orders, so two of them
+    hold one condition's lock each and want the other's): each patient is created once,
+    every other entry answers 200 with it, and no Bundle fails (no deadlock)."""
+    system = "urn:oid:1.2.36.146.595.217.0.1"
+    mrns = ["MRN-A", "MRN-B"]
+    entries = [post(None, patient(mrn=m), ifNoneExist=f"identifier={system}|{m}") for m in mrns]
+    writers = 8
+    with ExitStack() as stack:
+        bases = [stack.enter_context(served_api(api.hub)) for _ in range(4)]
+        clients = [stack.enter_context(httpx.Client(timeout=60)) for _ in range(writers)]
+
+        def send_bundle(i: int) -> Any:
+            ordered = entries if i % 2 else entries[::-1]
+            kind = "transaction" if i % 4 < 2 else "batch"
+            return clients[i].post(
+                f"{bases[i % len(bases)]}/fhir",
+                content=json.dumps(transaction(*ordered, kind=kind)),
+                headers={**api.ehr, "Content-Type": FHIR},
+            )
+
+        answers = at_once(send_bundle, writers)
+    assert [a.status_code for a in answers] == [200] * writers, [a.text for a in answers]
+    for mrn in mrns:
+        outcomes: list[tuple[str, str]] = []
+        for i, answer in enumerate(answers):
+            entry = answer.json()["entry"][mrns.index(mrn) if i % 2 else 1 - mrns.index(mrn)]
+            status = entry["response"]["status"]
+            outcomes.append((status, entry["response"]["location"].split("/")[1]))
+        assert sorted(s for s, _ in outcomes) == ["200 OK"] * (writers - 1) + ["201 Created"]
+        assert len({rid for _, rid in outcomes}) == 1
+        found = api.client.get(f"/fhir/Patient?identifier={system}|{mrn}", headers=api.ehr)
+        assert found.json()["total"] == 1
 
 
 def test_if_none_exist_and_conditional_references(api: Api) -> None:

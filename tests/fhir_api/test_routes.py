@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -14,7 +16,7 @@ from sqlalchemy import select
 from saf.app import create_app
 from saf.hub import Hub
 from saf.models import AuditRecord, Case, CaseReferral, FhirVersion
-from tests.factories import client_token, login_as, make_client
+from tests.factories import at_once, client_token, login_as, make_client, served_api
 
 FHIR = "application/fhir+json"
 V2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -257,6 +259,36 @@ def test_conditional_create(api: Api) -> None:
     api.post(patient())  # a duplicate made without the condition
     third = api.post(patient(), **{"If-None-Exist": "identifier=MRN-1"})
     assert third.status_code == 412
+
+
+def test_concurrent_conditional_creates_make_one_resource(api: Api) -> None:
+    """Identical If-None-Exist creates racing through several API servers (each runs a
+    request's search and create without yielding, so the race is between servers, as
+    between API processes): one 201, the others 200 naming the same resource."""
+    writers = 8
+    with ExitStack() as stack:
+        bases = [stack.enter_context(served_api(api.hub)) for _ in range(4)]
+        clients = [stack.enter_context(httpx.Client(timeout=60)) for _ in range(writers)]
+        for n in range(4):
+            mrn = f"RACE-{n}"
+            identifier = f"identifier=urn:oid:1.2.36.146.595.217.0.1|{mrn}"
+            # the same criteria; half the writers put the parameters in another order
+            conditions = [f"{identifier}&_lastUpdated=ge2000", f"_lastUpdated=ge2000&{identifier}"]
+            body = json.dumps(patient(mrn=mrn))
+
+            def create(i: int, body: str = body, conditions: list[str] = conditions) -> Any:
+                return clients[i].post(
+                    f"{bases[i % len(bases)]}/fhir/Patient",
+                    content=body,
+                    headers={**api.ehr, "Content-Type": FHIR, "If-None-Exist": conditions[i % 2]},
+                )
+
+            responses = at_once(create, writers)
+            statuses = sorted(r.status_code for r in responses)
+            assert statuses == [200] * (writers - 1) + [201], [r.text for r in responses]
+            assert len({r.json()["id"] for r in responses}) == 1
+            found = api.client.get(f"/fhir/Patient?{identifier}", headers=api.ehr)
+            assert found.json()["total"] == 1
 
 
 def test_search(api: Api) -> None:

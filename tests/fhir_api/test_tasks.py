@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from saf.app import create_app
+from saf.crypto import value_key_id
 from saf.hub import Hub
-from saf.models import AuditRecord, Case
+from saf.keys import rotate
+from saf.models import AuditRecord, Case, CaseEvent
 from tests.factories import client_token, login_as, make_client
 from tests.fhir_api.test_routes import patient, service_request
 
@@ -249,8 +251,6 @@ def test_immutable_elements_are_refused_with_their_location(world: World) -> Non
     task["status"] = "cancelled"
     body = _outcome(world.put(task, world.clinician), 422)
     assert sorted(i["expression"][0] for i in body["issue"]) == ["Task.basedOn", "Task.intent"]
-    noted = world.patch([{"op": "add", "path": "/note", "value": [{"text": "x"}]}], world.clinician)
-    assert "Communication" in _outcome(noted, 422)["issue"][0]["diagnostics"]
     other = world.read().json()
     other["id"] = "another"
     assert _outcome(world.put(other, world.clinician), 400)["issue"][0]["expression"] == ["Task.id"]
@@ -334,3 +334,237 @@ def test_reject_by_a_specialist(world: World) -> None:
         [{"op": "replace", "path": "/status", "value": "accepted"}], world.clinician
     )
     _outcome(again, 409)
+
+
+# --------------------------------------------------------------------------- notes
+
+
+def test_notes_are_added_stamped_kept_and_sealed(world: World) -> None:
+    version = int(world.read().json()["meta"]["versionId"])
+    secret = "QUIXOTE-NOTE: prior CT at the district hospital, ask for it"
+    added = world.patch(
+        [{"op": "add", "path": "/note", "value": [{"text": secret}]}], world.clinician
+    )
+    assert added.status_code == 200, added.text
+    [note] = added.json()["note"]
+    assert note["text"] == secret
+    assert note["authorString"] == "bert.b"  # stamped: the caller, and the time
+    assert note["time"].endswith("Z")
+    assert int(added.json()["meta"]["versionId"]) == version + 1
+    assert world.read(world.specialist).json()["note"] == [note]
+
+    # a specialist of the worklist answers with a note of their own, by PUT
+    task = world.read(world.specialist).json()
+    task["note"].append({"text": "seen, will report today", "time": "2026-12-01T10:00:00Z"})
+    answered = world.put(task, world.specialist)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["note"][0] == note
+    assert answered.json()["note"][1] == {
+        "text": "seen, will report today",
+        "time": "2026-12-01T10:00:00Z",
+        "authorReference": {"reference": "Practitioner/dr.w"},
+    }
+    # an EHR names the author itself
+    by_ehr = world.patch(
+        [{"op": "add", "path": "/note/-", "value": {"text": "ok", "authorString": "Dr B"}}],
+        world.ehr,
+    )
+    assert by_ehr.status_code == 200, by_ehr.text
+    assert by_ehr.json()["note"][2]["authorString"] == "Dr B"
+    current = by_ehr.json()
+
+    # notes are kept as written: no change, no removal
+    edited = world.patch(
+        [{"op": "replace", "path": "/note/0/text", "value": "something else"}], world.clinician
+    )
+    assert _outcome(edited, 422)["issue"][0]["expression"] == ["Task.note"]
+    dropped = dict(current)
+    del dropped["note"]
+    assert _outcome(world.put(dropped, world.clinician), 422)["issue"][0]["expression"] == [
+        "Task.note"
+    ]
+    # an Annotation needs its text (R4 validation, located)
+    bad = world.patch([{"op": "add", "path": "/note/-", "value": {"time": "x"}}], world.clinician)
+    assert _outcome(bad, 400)["issue"][0]["expression"][0].startswith("Task.note")
+    # another clinic does not see the case at all
+    other = world.patch(
+        [{"op": "add", "path": "/note/-", "value": {"text": "x"}}], world.other_clinic
+    )
+    assert other.status_code == 404
+    assert world.read().json()["note"] == current["note"]
+
+    # sealed at rest, and never in the audit trail
+    with world.hub.sessions() as session:
+        sealed = session.get_one(Case, world.case_id).note_sealed
+        events = session.scalars(select(CaseEvent.note_sealed)).all()
+        details = session.scalars(select(AuditRecord.detail)).all()
+    assert sealed is not None and "QUIXOTE" not in sealed
+    assert not any("QUIXOTE" in (e or "") for e in events)
+    assert not any("QUIXOTE" in (d or "") for d in details)
+
+
+def test_key_rotation_reseals_notes(world: World) -> None:
+    noted = world.patch([{"op": "add", "path": "/note", "value": [{"text": "n1"}]}], world.ehr)
+    assert noted.status_code == 200, noted.text
+    report = rotate(world.hub)
+    with world.hub.sessions() as session:
+        tokens = [session.get_one(Case, world.case_id).note_sealed]
+        tokens += session.scalars(
+            select(CaseEvent.note_sealed).where(CaseEvent.note_sealed.is_not(None))
+        ).all()
+    assert len(tokens) == 2  # the case's, and the event's that added it
+    assert all(t is not None and value_key_id(t) == report.new_key_id for t in tokens)
+    assert world.read().json()["note"] == noted.json()["note"]
+    version = noted.json()["meta"]["versionId"]
+    again = world.client.get(
+        f"/fhir/Task/{world.case_id}/_history/{version}", headers=world.clinician
+    )
+    assert again.json() == noted.json()
+
+
+# --------------------------------------------------------------------------- vread, history
+
+
+def test_vread_and_history_replay_the_case(world: World) -> None:
+    first = world.read().json()
+    v1 = int(first["meta"]["versionId"])
+    claimed = world.patch(
+        [
+            {"op": "replace", "path": "/status", "value": "accepted"},
+            {"op": "add", "path": "/owner", "value": {"reference": "Practitioner/dr.w"}},
+        ],
+        world.specialist,
+    )
+    assert claimed.status_code == 200, claimed.text
+    noted = world.patch(
+        [{"op": "add", "path": "/note", "value": [{"text": "n1"}]}], world.clinician
+    )
+    assert noted.status_code == 200, noted.text
+    started = world.patch(
+        [{"op": "replace", "path": "/status", "value": "in-progress"}], world.specialist
+    )
+    assert started.status_code == 200, started.text
+    now = world.read().json()
+    latest = int(now["meta"]["versionId"])
+    assert latest == v1 + 3
+
+    # every version reads back as it was; the newest is the read
+    for expected in (first, claimed.json(), noted.json(), now):
+        n = expected["meta"]["versionId"]
+        got = world.client.get(f"/fhir/Task/{world.case_id}/_history/{n}", headers=world.clinician)
+        assert got.status_code == 200, got.text
+        assert got.headers["ETag"] == f'W/"{n}"'
+        assert got.json() == expected
+    assert "owner" not in first and "note" not in claimed.json()
+
+    # the history: newest first, paged
+    url = f"/fhir/Task/{world.case_id}/_history"
+    page = world.client.get(f"{url}?_count=2", headers=world.specialist).json()
+    assert page["type"] == "history" and page["total"] == latest
+    assert [e["resource"]["meta"]["versionId"] for e in page["entry"]] == [
+        str(latest),
+        str(latest - 1),
+    ]
+    assert page["entry"][0]["resource"] == now
+    assert page["entry"][0]["response"]["etag"] == f'W/"{latest}"'
+    assert page["entry"][0]["request"] == {"method": "PUT", "url": f"Task/{world.case_id}"}
+    nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert nxt.endswith(f"{url}?_count=2&_offset=2")
+    rest = world.client.get(f"{url}?_count=50&_offset=2", headers=world.specialist).json()
+    versions = [e["resource"]["meta"]["versionId"] for e in rest["entry"]]
+    assert versions == [str(n) for n in range(latest - 2, 0, -1)]
+    assert rest["entry"][-1]["request"] == {"method": "POST", "url": "Task"}
+    assert rest["entry"][-1]["response"]["status"] == "201 Created"
+    assert not any(link["relation"] == "next" for link in rest["link"])
+
+    # unknown versions, other tenants, bad paging
+    for bad in ("0", str(latest + 1), "x"):
+        missing = world.client.get(f"{url}/{bad}", headers=world.clinician)
+        _outcome(missing, 404)
+    assert world.client.get(url, headers=world.other_clinic).status_code == 404
+    assert world.client.get(f"{url}/1", headers=world.other_clinic).status_code == 404
+    assert world.client.get(f"{url}?_count=x", headers=world.clinician).status_code == 400
+    with world.hub.sessions() as session:
+        reads = session.scalars(
+            select(AuditRecord.detail).where(
+                AuditRecord.entity_type == "Task", AuditRecord.entity_id == world.case_id
+            )
+        ).all()
+    assert f"version {latest}" in reads
+    assert f"history: 2 of {latest} versions" in reads
+
+
+def test_newest_version_is_the_read_after_a_referral_joins(world: World) -> None:
+    """A second referral (same accession) joins the case and raises its priority: the
+    event it makes records the case after that, so the newest version is the read."""
+    task = world.read().json()
+    pid = task["for"]["reference"].split("/")[1]
+    second = service_request(
+        pid,
+        identifier=[
+            {"system": "urn:oid:1.3.4.5.6.7", "value": "SECOND-ORDER"},
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                    ]
+                },
+                "system": "urn:oid:1.3.4.5.6.8",
+                "value": "ACC-77",
+            },
+        ],
+        priority="stat",
+    )
+    sent = world.client.post(
+        "/fhir/ServiceRequest",
+        content=json.dumps(second),
+        headers={**world.ehr, "Content-Type": FHIR},
+    )
+    assert sent.status_code == 201, sent.text
+    now = world.read().json()
+    assert now["priority"] == "stat" and len(now["basedOn"]) == 2
+    newest = world.client.get(
+        f"/fhir/Task/{world.case_id}/_history/{now['meta']['versionId']}",
+        headers=world.clinician,
+    )
+    assert newest.json() == now
+
+
+def test_history_of_events_recorded_before_task_versions(world: World) -> None:
+    """Events from before migration 0017 kept no state: their versions show the status
+    and time the event has, and the rest as the next version has it."""
+    claimed = world.patch(
+        [
+            {"op": "replace", "path": "/status", "value": "accepted"},
+            {"op": "add", "path": "/owner", "value": {"reference": "Practitioner/dr.w"}},
+        ],
+        world.specialist,
+    )
+    assert claimed.status_code == 200, claimed.text
+    with world.hub.sessions() as session, session.begin():
+        session.execute(
+            update(CaseEvent)
+            .where(CaseEvent.case_id == world.case_id)
+            .values(state=None, note_sealed=None)
+        )
+    history = world.client.get(f"/fhir/Task/{world.case_id}/_history", headers=world.clinician)
+    assert history.status_code == 200, history.text
+    entries = history.json()["entry"]
+    assert entries[0]["resource"] == world.read().json()  # the newest is the case itself
+    oldest = entries[-1]["resource"]
+    assert oldest["status"] == "requested" and "owner" not in oldest
+    assert oldest["priority"] == claimed.json()["priority"]
+
+
+def test_capability_statement_lists_task_vread_and_history(world: World) -> None:
+    statement = world.client.get("/fhir/metadata").json()
+    [task] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Task"]
+    assert [i["code"] for i in task["interaction"]] == [
+        "read",
+        "vread",
+        "history-instance",
+        "search-type",
+        "update",
+        "patch",
+    ]
+    assert task["readHistory"] is True

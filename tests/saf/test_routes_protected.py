@@ -262,7 +262,7 @@ def _task(hub: Hub, case_id: str) -> dict[str, Any]:
     from saf.identity import SYSTEM
 
     with hub.sessions() as session:
-        return task_of(session, SYSTEM, session.get_one(Case, case_id))
+        return task_of(hub, session, SYSTEM, session.get_one(Case, case_id))
 
 
 def _binary(hub: Hub, world: World) -> str:
