@@ -339,13 +339,42 @@ def read(
     principal: CurrentPrincipal,
     hub: HubDep,
 ) -> Response:
-    """Read the current version."""
+    """Read the current version. (GET of a stored type is answered by fhir_api.lean first;
+    this route answers the other types with 404 not-supported.)"""
+    return read_response(request, principal, hub, resource_type, resource_id)
+
+
+def read_response(
+    request: Request,
+    principal: Principal,
+    hub: Hub,
+    resource_type: str,
+    resource_id: str,
+    version_id: str | None = None,
+) -> Response:
+    """Read (the current version) or, with `version_id`, vread: the one implementation of
+    both, for these routes and for fhir_api.lean. The caller is already authenticated."""
     check_format(request)
     resource_type = _type(resource_type)
     _allowed(principal, request, hub, resource_type, "r")
+    if version_id is None:
+        with _audited(hub, "read", principal, resource_type, resource_id):
+            stored = fhir_store.read(hub, principal, resource_type, resource_id)
+        _audit(hub, "read", principal, resource_type, resource_id, stored=stored)
+        return _resource_response(_base(request, hub), stored, 200, request)
+    if not version_id.isdigit():
+        raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id!r}")
     with _audited(hub, "read", principal, resource_type, resource_id):
-        stored = fhir_store.read(hub, principal, resource_type, resource_id)
-    _audit(hub, "read", principal, resource_type, resource_id, stored=stored)
+        stored = fhir_store.vread(hub, principal, resource_type, resource_id, int(version_id))
+    _audit(
+        hub,
+        "read",
+        principal,
+        resource_type,
+        resource_id,
+        stored=stored,
+        detail=f"version {version_id}",
+    )
     return _resource_response(_base(request, hub), stored, 200, request)
 
 
@@ -458,24 +487,8 @@ def vread(
     principal: CurrentPrincipal,
     hub: HubDep,
 ) -> Response:
-    """Read one version."""
-    check_format(request)
-    resource_type = _type(resource_type)
-    _allowed(principal, request, hub, resource_type, "r")
-    if not version_id.isdigit():
-        raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id!r}")
-    with _audited(hub, "read", principal, resource_type, resource_id):
-        stored = fhir_store.vread(hub, principal, resource_type, resource_id, int(version_id))
-    _audit(
-        hub,
-        "read",
-        principal,
-        resource_type,
-        resource_id,
-        stored=stored,
-        detail=f"version {version_id}",
-    )
-    return _resource_response(_base(request, hub), stored, 200, request)
+    """Read one version (like `read`, fhir_api.lean answers the stored types first)."""
+    return read_response(request, principal, hub, resource_type, resource_id, version_id)
 
 
 @router.delete("/{resource_type}/{resource_id}")

@@ -61,11 +61,16 @@ def auth_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def get_hub(request: Request) -> Hub:
-    """The hub the app was built for (`create_app` puts it on ``app.state.hub``). Async:
-    it does no I/O, and a sync dependency would cost a trip through the thread pool."""
+def hub_of(request: Request) -> Hub:
+    """The hub the app was built for (`create_app` puts it on ``app.state.hub``)."""
     hub: Hub = request.app.state.hub
     return hub
+
+
+async def get_hub(request: Request) -> Hub:
+    """`hub_of` as a dependency. Async: it does no I/O, and a sync dependency would cost a
+    trip through the thread pool."""
+    return hub_of(request)
 
 
 HubDep = Annotated[Hub, Depends(get_hub)]
