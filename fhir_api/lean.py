@@ -3,11 +3,12 @@ other route of the app: the hot path of a FHIR server, so it skips what FastAPI 
 
 A FastAPI route with the `CurrentPrincipal` dependency costs two trips through the thread
 pool (the sync dependency, then the sync route), the dependency solver, and a scan of every
-route mounted before it. These routes make one trip and call the very same functions:
-saf.deps.current_principal (token, revoked token, disabled account or revoked client:
-401), then fhir_api.routes.read_response (``_format``/Accept: 406, SMART scope: 403,
-tenancy, the audit record committed before the answer, ETag and Last-Modified). Errors
-are OperationOutcomes through fhir_api.outcome.error_response, as under `FhirRoute`.
+route mounted before it. These routes make one trip (saf.deps.authenticated_endpoint) and
+call the very same functions: saf.deps.current_principal (no, bad or expired token,
+logged-out token, disabled account, revoked client: 401), then
+fhir_api.routes.read_response (``_format``/Accept: 406, SMART scope: 403, tenancy, the
+audit record committed before the answer, ETag and Last-Modified). Errors are
+OperationOutcomes through fhir_api.outcome.error_response, as under `FhirRoute`.
 
 They match only ``GET /fhir/<type>/<id>`` and ``GET /fhir/<type>/<id>/_history/<n>``
 with a type of saf.fhir_store.STORED_TYPES (no other router serves those types); any
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
@@ -26,9 +26,10 @@ from starlette.types import Scope
 
 from fhir_api.outcome import error_response
 from fhir_api.routes import read_response
-from saf.audit import one_connection
-from saf.deps import current_principal, hub_of
+from saf.deps import authenticated_endpoint
 from saf.fhir_store import STORED_TYPES
+from saf.hub import Hub
+from saf.identity import Principal
 
 _TYPES: Final = frozenset(STORED_TYPES)
 
@@ -38,7 +39,7 @@ class StoredTypeRoute(Route):
 
     def __init__(self, path: str, endpoint: Any) -> None:
         super().__init__(path, endpoint, methods=["GET"])
-        self.methods = {"GET"}  # not HEAD: a HEAD read is not served elsewhere either
+        self.methods = {"GET"}  # not HEAD (Starlette adds it): the FastAPI routes answer 405
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
@@ -47,28 +48,20 @@ class StoredTypeRoute(Route):
         return match, child
 
 
-def _answer(request: Request) -> Response:
-    hub = hub_of(request)
+def _read(request: Request, principal: Principal, hub: Hub) -> Response:
     params = request.path_params
-    try:
-        with one_connection(hub.engine):
-            principal = current_principal(request, hub)
-            return read_response(
-                request,
-                principal,
-                hub,
-                params["resource_type"],
-                params["resource_id"],
-                params.get("version_id"),
-            )
-    except Exception as exc:
-        return error_response(exc)
+    return read_response(
+        request,
+        principal,
+        hub,
+        params["resource_type"],
+        params["resource_id"],
+        params.get("version_id"),
+    )
 
 
-async def read(request: Request) -> Response:
-    """``GET /fhir/<type>/<id>[/_history/<n>]``: one trip through the thread pool."""
-    return await run_in_threadpool(_answer, request)
-
+read: Final = authenticated_endpoint(_read, error_response)
+"""``GET /fhir/<type>/<id>[/_history/<n>]``."""
 
 routes: Final[list[BaseRoute]] = [
     StoredTypeRoute("/fhir/{resource_type}/{resource_id}", read),

@@ -15,12 +15,13 @@ HttpOnly session cookie (`SESSION_COOKIE`). Failures answer 401 with a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Annotated, Final
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from saf import audit
 from saf.hub import Hub
@@ -118,6 +119,37 @@ def current_principal(request: Request, hub: HubDep) -> Principal:
         )
         raise AuthError(401, exc.error, exc.description) from None
     return replace(principal, address=address)
+
+
+AUTHENTICATES: Final = "saf_authenticates"
+"""Attribute of an `authenticated_endpoint`: it names `current_principal`, which the
+endpoint calls itself (tests/saf/test_routes_protected.py accepts such a route, then
+attacks it like any other)."""
+
+
+def authenticated_endpoint(
+    handler: Callable[[Request, Principal, Hub], Response],
+    on_error: Callable[[Exception], Response],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A plain Starlette endpoint for a hot route outside FastAPI's dependency injection
+    (fhir_api.lean): in one trip through the thread pool, and on one pooled database
+    connection (saf.audit.one_connection), it finds the caller with `current_principal`
+    and calls `handler`; any exception, a refused caller's AuthError included, becomes
+    ``on_error(exc)``."""
+
+    def answer(request: Request) -> Response:
+        hub = hub_of(request)
+        try:
+            with audit.one_connection(hub.engine):
+                return handler(request, current_principal(request, hub), hub)
+        except Exception as exc:
+            return on_error(exc)
+
+    async def endpoint(request: Request) -> Response:
+        return await run_in_threadpool(answer, request)
+
+    setattr(endpoint, AUTHENTICATES, current_principal)
+    return endpoint
 
 
 def _check_same_origin(request: Request) -> None:

@@ -1330,7 +1330,7 @@ _READ_CURRENT: Final = (
 
 
 @functools.lru_cache(maxsize=1024)
-def _read_current(principal: Principal) -> Select[Any]:
+def _read_current(principal: Principal) -> Select[*tuple[Any, ...]]:
     """`_READ_CURRENT` limited to what `principal` sees (saf.tenancy), built once per caller:
     building it, and adapting SQLAlchemy's cached result metadata to a new statement
     object, cost more than running it. A changed role or clinic is another Principal."""
