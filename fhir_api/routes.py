@@ -72,14 +72,15 @@ def _allowed(
     require_scope(resource_type, interaction)(principal, request, hub)
 
 
-def _headers(base: str, stored: Stored, *, location: bool = False) -> dict[str, str]:
+def _headers(stored: Stored, location_base: str | None = None) -> dict[str, str]:
+    """ETag and Last-Modified; and Location (under `location_base`) when one is given."""
     headers = {
         "ETag": f'W/"{stored.version_id}"',
         "Last-Modified": format_datetime(stored.last_updated.astimezone(UTC), usegmt=True),
     }
-    if location:
+    if location_base is not None:
         headers["Location"] = (
-            f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
+            f"{location_base}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
         )
     return headers
 
@@ -132,9 +133,12 @@ def _prefer_minimal(request: Request) -> bool:
 
 
 def _resource_response(
-    base: str, stored: Stored, status: int, request: Request, *, location: bool = False
+    stored: Stored, status: int, request: Request, *, location_base: str | None = None
 ) -> Response:
-    headers = _headers(base, stored, location=location)
+    """The resource (or nothing, for ``Prefer: return=minimal``) with its headers; a
+    Location under `location_base` when one is given (the base URL costs a URL parse, so
+    a read does not build it)."""
+    headers = _headers(stored, location_base)
     if _prefer_minimal(request):
         return Response(status_code=status, headers=headers, media_type=FHIR_JSON)
     assert stored.content is not None
@@ -294,7 +298,7 @@ async def create(
         existing = _conditional_match(hub, principal, resource_type, condition)
         if existing is not None:
             _audit(hub, "read", principal, resource_type, existing.id, stored=existing)
-            return _resource_response(base, existing, 200, request, location=True)
+            return _resource_response(existing, 200, request, location_base=base)
     with _audited(hub, "create", principal, resource_type, None):
         stored = fhir_store.create(hub, principal, content, _rules(request, hub))
     _audit(
@@ -306,7 +310,7 @@ async def create(
         stored=stored,
         detail=f"version 1; case {stored.case_id}" if stored.case_id else "version 1",
     )
-    return _resource_response(base, stored, 201, request, location=True)
+    return _resource_response(stored, 201, request, location_base=base)
 
 
 def _conditional_match(
@@ -361,7 +365,7 @@ def read_response(
         with _audited(hub, "read", principal, resource_type, resource_id):
             stored = fhir_store.read(hub, principal, resource_type, resource_id)
         _audit(hub, "read", principal, resource_type, resource_id, stored=stored)
-        return _resource_response(_base(request, hub), stored, 200, request)
+        return _resource_response(stored, 200, request)
     if not version_id.isdigit():
         raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id!r}")
     with _audited(hub, "read", principal, resource_type, resource_id):
@@ -375,7 +379,7 @@ def read_response(
         stored=stored,
         detail=f"version {version_id}",
     )
-    return _resource_response(_base(request, hub), stored, 200, request)
+    return _resource_response(stored, 200, request)
 
 
 @router.put("/{resource_type}/{resource_id}")
@@ -412,7 +416,7 @@ async def update(
         stored=stored,
         detail=f"version {stored.version_id}",
     )
-    return _resource_response(_base(request, hub), stored, 200, request)
+    return _resource_response(stored, 200, request)
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
