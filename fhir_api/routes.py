@@ -18,6 +18,7 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from fhir_api import audit_events, bundles, imaging_study, mhd, subscriptions, tasks
 from fhir_api.capability import capability_statement
@@ -72,14 +73,15 @@ def _allowed(
     require_scope(resource_type, interaction)(principal, request, hub)
 
 
-def _headers(base: str, stored: Stored, *, location: bool = False) -> dict[str, str]:
+def _headers(stored: Stored, location_base: str | None = None) -> dict[str, str]:
+    """ETag and Last-Modified; and Location (under `location_base`) when one is given."""
     headers = {
         "ETag": f'W/"{stored.version_id}"',
         "Last-Modified": format_datetime(stored.last_updated.astimezone(UTC), usegmt=True),
     }
-    if location:
+    if location_base is not None:
         headers["Location"] = (
-            f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
+            f"{location_base}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
         )
     return headers
 
@@ -132,9 +134,12 @@ def _prefer_minimal(request: Request) -> bool:
 
 
 def _resource_response(
-    base: str, stored: Stored, status: int, request: Request, *, location: bool = False
+    stored: Stored, status: int, request: Request, *, location_base: str | None = None
 ) -> Response:
-    headers = _headers(base, stored, location=location)
+    """The resource (or nothing, for ``Prefer: return=minimal``) with its headers; a
+    Location under `location_base` when one is given (the base URL costs a URL parse, so
+    a read does not build it)."""
+    headers = _headers(stored, location_base)
     if _prefer_minimal(request):
         return Response(status_code=status, headers=headers, media_type=FHIR_JSON)
     assert stored.content is not None
@@ -288,6 +293,14 @@ async def create(
     content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), resource_type)
     if problems := mhd.check_mhd(content, ""):
         raise FhirError(400, "the resource lacks what its MHD profile requires", issues=problems)
+    return await run_in_threadpool(_create, request, principal, hub, resource_type, content)
+
+
+def _create(
+    request: Request, principal: Principal, hub: Hub, resource_type: str, content: dict[str, Any]
+) -> Response:
+    """`create` after the body is read: the database work, on a worker thread (never on the
+    event loop, so one slow create does not hold the process's other requests)."""
     base = _base(request, hub)
     condition = request.headers.get("if-none-exist")
     if condition is not None:
@@ -298,7 +311,7 @@ async def create(
             )
         if not created:
             _audit(hub, "read", principal, resource_type, stored.id, stored=stored)
-            return _resource_response(base, stored, 200, request, location=True)
+            return _resource_response(stored, 200, request, location_base=base)
     else:
         with _audited(hub, "create", principal, resource_type, None):
             stored = fhir_store.create(hub, principal, content, _rules(request, hub))
@@ -311,7 +324,7 @@ async def create(
         stored=stored,
         detail=f"version 1; case {stored.case_id}" if stored.case_id else "version 1",
     )
-    return _resource_response(base, stored, 201, request, location=True)
+    return _resource_response(stored, 201, request, location_base=base)
 
 
 def _condition(resource_type: str, condition: str) -> fhir_store.Search:
@@ -340,14 +353,43 @@ def read(
     principal: CurrentPrincipal,
     hub: HubDep,
 ) -> Response:
-    """Read the current version."""
+    """Read the current version. (GET of a stored type is answered by fhir_api.lean first;
+    this route answers the other types with 404 not-supported.)"""
+    return read_response(request, principal, hub, resource_type, resource_id)
+
+
+def read_response(
+    request: Request,
+    principal: Principal,
+    hub: Hub,
+    resource_type: str,
+    resource_id: str,
+    version_id: str | None = None,
+) -> Response:
+    """Read (the current version) or, with `version_id`, vread: the one implementation of
+    both, for these routes and for fhir_api.lean. The caller is already authenticated."""
     check_format(request)
     resource_type = _type(resource_type)
     _allowed(principal, request, hub, resource_type, "r")
+    if version_id is None:
+        with _audited(hub, "read", principal, resource_type, resource_id):
+            stored = fhir_store.read(hub, principal, resource_type, resource_id)
+        _audit(hub, "read", principal, resource_type, resource_id, stored=stored)
+        return _resource_response(stored, 200, request)
+    if not version_id.isdigit():
+        raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id!r}")
     with _audited(hub, "read", principal, resource_type, resource_id):
-        stored = fhir_store.read(hub, principal, resource_type, resource_id)
-    _audit(hub, "read", principal, resource_type, resource_id, stored=stored)
-    return _resource_response(_base(request, hub), stored, 200, request)
+        stored = fhir_store.vread(hub, principal, resource_type, resource_id, int(version_id))
+    _audit(
+        hub,
+        "read",
+        principal,
+        resource_type,
+        resource_id,
+        stored=stored,
+        detail=f"version {version_id}",
+    )
+    return _resource_response(stored, 200, request)
 
 
 @router.put("/{resource_type}/{resource_id}")
@@ -371,6 +413,21 @@ async def update(
             expression=[f"{resource_type}.id"],
         )
     wanted_version = if_match(request)
+    return await run_in_threadpool(
+        _update, request, principal, hub, resource_type, resource_id, content, wanted_version
+    )
+
+
+def _update(
+    request: Request,
+    principal: Principal,
+    hub: Hub,
+    resource_type: str,
+    resource_id: str,
+    content: dict[str, Any],
+    wanted_version: int | None,
+) -> Response:
+    """`update` after the body is read, on a worker thread (see `_create`)."""
     with _audited(hub, "update", principal, resource_type, resource_id):
         stored = fhir_store.update(
             hub, principal, content, _rules(request, hub), if_match=wanted_version
@@ -384,7 +441,7 @@ async def update(
         stored=stored,
         detail=f"version {stored.version_id}",
     )
-    return _resource_response(_base(request, hub), stored, 200, request)
+    return _resource_response(stored, 200, request)
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
@@ -459,24 +516,8 @@ def vread(
     principal: CurrentPrincipal,
     hub: HubDep,
 ) -> Response:
-    """Read one version."""
-    check_format(request)
-    resource_type = _type(resource_type)
-    _allowed(principal, request, hub, resource_type, "r")
-    if not version_id.isdigit():
-        raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id!r}")
-    with _audited(hub, "read", principal, resource_type, resource_id):
-        stored = fhir_store.vread(hub, principal, resource_type, resource_id, int(version_id))
-    _audit(
-        hub,
-        "read",
-        principal,
-        resource_type,
-        resource_id,
-        stored=stored,
-        detail=f"version {version_id}",
-    )
-    return _resource_response(_base(request, hub), stored, 200, request)
+    """Read one version (like `read`, fhir_api.lean answers the stored types first)."""
+    return read_response(request, principal, hub, resource_type, resource_id, version_id)
 
 
 @router.delete("/{resource_type}/{resource_id}")

@@ -42,6 +42,10 @@ def create_app(hub: Hub) -> FastAPI:
     from fhir_api.routes import router as fhir_router  # the composition root mounts it
 
     app.include_router(fhir_router)
+    from fhir_api import lean
+
+    # First of all routes: a read would otherwise be matched against every route above.
+    app.router.routes[0:0] = lean.routes
     app.add_exception_handler(StarletteHTTPException, unmatched_path_handler)
     # Imported here, not at module level: saf must not depend on dicom_node at import time.
     from dicom_node import dicomweb

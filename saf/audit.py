@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Connection, Engine, insert
 
 from saf.hub import Hub
 from saf.identity import Principal
@@ -129,7 +132,7 @@ def record(
     )
     if at is not None:
         values["at"] = at
-    with autocommit_engine(hub.engine).connect() as conn:
+    with autocommit_connection(hub.engine) as conn:
         return int(conn.execute(_INSERT, values).scalar_one())
 
 
@@ -147,6 +150,37 @@ def autocommit_engine(engine: Engine) -> Engine:
             found = engine.execution_options(isolation_level="AUTOCOMMIT")
             _autocommit_engines[engine] = found
         return found
+
+
+_held: ContextVar[Connection | None] = ContextVar("saf_autocommit_connection", default=None)
+
+
+@contextmanager
+def autocommit_connection(engine: Engine) -> Iterator[Connection]:
+    """An autocommit connection to `engine`'s database: the one an enclosing
+    `one_connection` holds in this context, else one checked out of the pool for the block."""
+    held = _held.get()
+    if held is not None and held.engine.pool is engine.pool:
+        yield held
+        return
+    with autocommit_engine(engine).connect() as conn:
+        yield conn
+
+
+@contextmanager
+def one_connection(engine: Engine) -> Iterator[None]:
+    """Run every `autocommit_connection` block inside (a read's token check, its select,
+    its audit insert) on one pooled connection: one checkout, not one per statement. Each
+    statement still commits on its own, before the next one starts."""
+    if _held.get() is not None:
+        yield
+        return
+    with autocommit_engine(engine).connect() as conn:
+        token = _held.set(conn)
+        try:
+            yield
+        finally:
+            _held.reset(token)
 
 
 class Owned(Protocol):

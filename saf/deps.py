@@ -15,12 +15,13 @@ HttpOnly session cookie (`SESSION_COOKIE`). Failures answer 401 with a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Annotated, Final
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from saf import audit
 from saf.hub import Hub
@@ -61,11 +62,16 @@ def auth_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def get_hub(request: Request) -> Hub:
-    """The hub the app was built for (`create_app` puts it on ``app.state.hub``). Async:
-    it does no I/O, and a sync dependency would cost a trip through the thread pool."""
+def hub_of(request: Request) -> Hub:
+    """The hub the app was built for (`create_app` puts it on ``app.state.hub``)."""
     hub: Hub = request.app.state.hub
     return hub
+
+
+async def get_hub(request: Request) -> Hub:
+    """`hub_of` as a dependency. Async: it does no I/O, and a sync dependency would cost a
+    trip through the thread pool."""
+    return hub_of(request)
 
 
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -113,6 +119,37 @@ def current_principal(request: Request, hub: HubDep) -> Principal:
         )
         raise AuthError(401, exc.error, exc.description) from None
     return replace(principal, address=address)
+
+
+AUTHENTICATES: Final = "saf_authenticates"
+"""Attribute of an `authenticated_endpoint`: it names `current_principal`, which the
+endpoint calls itself (tests/saf/test_routes_protected.py accepts such a route, then
+attacks it like any other)."""
+
+
+def authenticated_endpoint(
+    handler: Callable[[Request, Principal, Hub], Response],
+    on_error: Callable[[Exception], Response],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A plain Starlette endpoint for a hot route outside FastAPI's dependency injection
+    (fhir_api.lean): in one trip through the thread pool, and on one pooled database
+    connection (saf.audit.one_connection), it finds the caller with `current_principal`
+    and calls `handler`; any exception, a refused caller's AuthError included, becomes
+    ``on_error(exc)``."""
+
+    def answer(request: Request) -> Response:
+        hub = hub_of(request)
+        try:
+            with audit.one_connection(hub.engine):
+                return handler(request, current_principal(request, hub), hub)
+        except Exception as exc:
+            return on_error(exc)
+
+    async def endpoint(request: Request) -> Response:
+        return await run_in_threadpool(answer, request)
+
+    setattr(endpoint, AUTHENTICATES, current_principal)
+    return endpoint
 
 
 def _check_same_origin(request: Request) -> None:

@@ -54,6 +54,7 @@ the bytes' (422 otherwise). Creating a Binary or DocumentReference writes a
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -63,13 +64,13 @@ from datetime import UTC, datetime
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, urlencode
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
 from saf import documents, tenancy
-from saf.audit import autocommit_engine
+from saf.audit import autocommit_connection
 from saf.cases import (
     ALLOWED,
     OPEN,
@@ -1386,19 +1387,41 @@ def read_binary(hub: Hub, principal: Principal, resource_id: str) -> tuple[Store
 
 def read(hub: Hub, principal: Principal, resource_type: str, resource_id: str) -> Stored:
     """The current version; NotFound (absent or not the caller's) or Gone (deleted)."""
-    # One autocommitted SELECT (no BEGIN and ROLLBACK round trips): it reads one row pair.
-    with hub.sessions(bind=autocommit_engine(hub.engine)) as session:
-        row = session.execute(
-            _with_current(tenancy.visible_fhir_resources(principal)).where(
-                FhirResource.id == resource_id, FhirResource.resource_type == resource_type
-            )
-        ).first()
-        if row is None:
-            raise NotFound(f"{resource_type}/{resource_id} is not known")
-        stored = _stored(hub, row[0], row[1])
+    # One autocommitted SELECT of plain columns (no BEGIN and ROLLBACK round trips, no ORM
+    # unit of work): every FHIR read runs it.
+    params = {"id": resource_id, "type": resource_type}
+    with autocommit_connection(hub.engine) as conn:
+        row = conn.execute(_read_current(principal), params).first()
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    # The row has the names `_stored` reads from a head and its version.
+    stored = _stored(hub, cast(FhirResource, row), cast(FhirVersion, row))
     if stored.deleted:
         raise Gone(f"{resource_type}/{resource_id} was deleted")
     return stored
+
+
+_READ_CURRENT: Final = (
+    select(
+        FhirResource.resource_type, FhirResource.id, FhirResource.clinic_id,
+        FhirResource.patient_pk, FhirResource.case_id, FhirVersion.version_id,
+        FhirVersion.last_updated, FhirVersion.content_sealed, FhirVersion.method,
+    )
+    .join(FhirVersion, and_(
+        FhirVersion.resource_id == FhirResource.id,
+        FhirVersion.version_id == FhirResource.version_id,
+    ))
+    .where(FhirResource.id == bindparam("id"), FhirResource.resource_type == bindparam("type"))
+)  # fmt: skip
+"""`read` without its tenancy clause."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_current(principal: Principal) -> Select[*tuple[Any, ...]]:
+    """`_READ_CURRENT` limited to what `principal` sees (saf.tenancy), built once per caller:
+    building it, and adapting SQLAlchemy's cached result metadata to a new statement
+    object, cost more than running it. A changed role or clinic is another Principal."""
+    return _READ_CURRENT.where(tenancy.fhir_resource_clause(principal))
 
 
 def _with_current(query: Select[Any]) -> Select[Any]:

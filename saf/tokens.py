@@ -46,7 +46,7 @@ from jwt.exceptions import InvalidTokenError, PyJWTError
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
 
-from saf.audit import autocommit_engine
+from saf.audit import autocommit_connection
 from saf.db import transaction
 from saf.hub import Hub
 from saf.identity import Principal, Role, grantable, grantable_to, role_scopes
@@ -347,7 +347,7 @@ def verify_access_token(hub: Hub, token: str, *, now: float | None = None) -> Pr
     user = claims["kind"] == "user"
     # One autocommitted SELECT answers "revoked?" and "who is it now?" together: this runs
     # on every request, and each round trip to PostgreSQL is a large share of a read.
-    with autocommit_engine(hub.engine).connect() as conn:
+    with autocommit_connection(hub.engine) as conn:
         row = conn.execute(_USER_NOW if user else _CLIENT_NOW, params).one_or_none()
         revoked = bool(row.revoked if row else conn.execute(_REVOKED_NOW, params).scalar())
     if revoked:

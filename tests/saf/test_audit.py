@@ -40,3 +40,20 @@ def test_records_are_append_only_in_the_database(hub: Hub, statement: str) -> No
         session.commit()
     with hub.sessions() as session:
         assert session.scalars(select(AuditRecord.outcome)).all() == [4]
+
+
+def test_one_connection_shares_a_connection_and_each_record_commits_at_once(hub: Hub) -> None:
+    who = Principal(kind="user", id="u1", name="dr.who", role="specialist")
+    with audit.autocommit_connection(hub.engine) as a, audit.autocommit_connection(hub.engine) as b:
+        assert a is not b  # outside one_connection: a checkout per block
+    with audit.one_connection(hub.engine):
+        with audit.autocommit_connection(hub.engine) as first:
+            pass
+        with audit.autocommit_connection(hub.engine) as second:
+            assert second is first
+        rid = audit.record(hub, "read", who, entity_type="Patient", entity_id="p1")
+        # durable before the block ends: another connection of the pool sees it already
+        with hub.engine.connect() as other:
+            assert other is not first
+            found = other.scalar(select(AuditRecord.id).where(AuditRecord.id == rid))
+        assert found == rid

@@ -37,11 +37,13 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from starlette.routing import BaseRoute, Mount, WebSocketRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from saf import audit
 from saf.app import PUBLIC_PATHS, create_app
-from saf.deps import CurrentPrincipal, current_principal
+from saf.deps import AUTHENTICATES, CurrentPrincipal, current_principal
 from saf.forwarding import enqueue_study, parse_forward_rules
 from saf.hub import Hub
 from saf.models import AuditRecord, Case, Instance, Series, Study, User
@@ -364,7 +366,10 @@ def walk(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[Endpoint]:
 
 def authenticates(route: BaseRoute | None) -> bool:
     """Whether a FastAPI route depends (directly or through other dependencies) on
-    saf.deps.current_principal."""
+    saf.deps.current_principal, or a plain route's endpoint is a
+    saf.deps.authenticated_endpoint (which calls it itself)."""
+    if isinstance(route, Route) and not isinstance(route, APIRoute):
+        return getattr(route.endpoint, AUTHENTICATES, None) is current_principal
     if not isinstance(route, APIRoute):
         return False
     pending = [route.dependant]
@@ -715,3 +720,22 @@ def test_the_walker_reaches_into_mounted_apps(setup: Setup) -> None:
     peeks = [p for p in problems if p.startswith("GET /sub/peek/{study_id}: ")]
     assert any("a disabled user's token got 200" in p for p in peeks), problems
     assert any("a specialist the case is not routed to got 200" in p for p in peeks)
+
+
+def test_the_walker_reports_a_plain_route_that_does_not_authenticate(setup: Setup) -> None:
+    """A plain Starlette route passes the dependency check only as an
+    saf.deps.authenticated_endpoint (fhir_api.lean); any other is reported."""
+    app = create_app(setup.hub)
+
+    async def peek(request: Request) -> JSONResponse:
+        return JSONResponse({"case": request.path_params["case_id"]})
+
+    app.router.routes.insert(0, Route("/api/peek/{case_id}", peek))
+
+    with TestClient(app) as client:
+        problems = check_routes(client, setup.callers, setup.target)
+
+    peeks = [p for p in problems if p.startswith("GET /api/peek/{case_id}: ")]
+    assert any("does not depend on saf.deps.current_principal" in p for p in peeks), problems
+    assert any("no token got 200" in p for p in peeks)
+    assert not [p for p in problems if p.startswith("GET /fhir/")], problems
