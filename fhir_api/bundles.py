@@ -243,8 +243,15 @@ def _conditional_references(session: Session, hub: Hub, principal: Principal, en
         entry.resource = resolve(entry.resource, f"{entry.where}.resource")
 
 
-def _write(session: Session, hub: Hub, principal: Principal, entry: Entry) -> Result:
-    """One DELETE, POST or PUT in `session`."""
+def _write(
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    entry: Entry,
+    batch: fhir_store.Batch | None = None,
+) -> Result:
+    """One DELETE, POST or PUT in `session` (a POST with the lookups and pending rows of
+    `batch`, when there is one)."""
     if entry.method == "DELETE":
         assert entry.resource_id is not None
         stored = fhir_store.delete_in(
@@ -278,6 +285,7 @@ def _write(session: Session, hub: Hub, principal: Principal, entry: Entry) -> Re
             entry.resource,
             resource_id=entry.new_id,
             document=entry.document,
+            batch=batch,
         )
         return Result(201, stored, event="create")
     stored = fhir_store.update_in(session, hub, principal, entry.resource, if_match=entry.if_match)
@@ -440,12 +448,23 @@ def _transaction(
                     entry.resource = _rewrite(entry.resource, names)
                     _conditional_references(session, hub, principal, entry)
             ordered = _dependencies_first(ordered)
+            # The POSTs share their lookups (read once, after the DELETEs) and write their
+            # rows together when the first write that is not a POST comes, or at the end.
+            batch: fhir_store.Batch | None = None
             for entry in ordered:
                 current = entry
                 if entry.method == "GET" or entry.index in results:
                     continue
+                if entry.method == "POST" and batch is None:
+                    posts = [e.resource for e in ordered if e.method == "POST" and e.resource]
+                    batch = fhir_store.prefetch(session, hub, principal, posts)
+                elif entry.method != "POST" and batch is not None:
+                    batch.flush(session)
                 entry.if_none_exist = None  # answered above
-                results[entry.index] = _write(session, hub, principal, entry)
+                results[entry.index] = _write(session, hub, principal, entry, batch)
+            current = None
+            if batch is not None:
+                batch.flush(session)
     except (FhirError, fhir_store.StoreError, AuthError) as exc:
         _discard(hub, entries)
         audit.record(
