@@ -115,7 +115,7 @@ def profile_database(name: str, url: str | None, args: argparse.Namespace, scrat
             if response.status_code != 200:
                 raise RuntimeError(f"bundle answered {response.status_code}: {response.body!r}")
 
-        for kind in ("Patient", "ServiceRequest", "DocumentReference"):
+        for kind in args.kinds.split(","):
             bundles = [transaction(kind, args.size, ids) for _ in range(args.bundles + 1)]
             asyncio.run(one(bundles[0]))  # warm
             profiler = cProfile.Profile()
@@ -133,7 +133,7 @@ def profile_database(name: str, url: str | None, args: argparse.Namespace, scrat
             )
             if args.top:
                 out = io.StringIO()
-                pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+                pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
                 print(out.getvalue())
     finally:
         hub.close()
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundles", type=int, default=10, help="bundles per kind")
     parser.add_argument("--size", type=int, default=100, help="entries per bundle")
     parser.add_argument("--top", type=int, default=0, help="print the top N of the profile")
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key (tottime...)")
+    parser.add_argument("--kinds", default="Patient,ServiceRequest,DocumentReference")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="saf-bundle-profile-") as tmp, ExitStack() as stack:
         for name in args.databases.split(","):

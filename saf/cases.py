@@ -12,7 +12,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from saf.db import transaction
+from saf.db import insert_all, transaction
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import (
@@ -327,10 +327,8 @@ class _Pending:
 
     def flush(self, session: Session) -> None:
         for rows in (self.patients, self.cases, self.rest):
-            if rows:
-                session.add_all(rows)
-                session.flush()
-                rows.clear()
+            insert_all(session, rows)
+            rows.clear()
 
 
 def _cases_for_referrals(

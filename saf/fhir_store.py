@@ -82,7 +82,7 @@ from saf.cases import (
     transition,
 )
 from saf.crypto import open_value, reseal_value, seal_value, value_key_id
-from saf.db import transaction
+from saf.db import insert_all, transaction
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import (
@@ -760,13 +760,12 @@ class Batch:
         return self.opened[resource_id]
 
     def flush(self, session: Session) -> None:
-        """Write the pending rows: the heads first (the models have no ORM relationships,
-        so one flush would not order them), then the rows that reference them."""
+        """Write the pending rows after the heads they reference (the models have no ORM
+        relationships, so one flush would not order them)."""
         if self.pending:
             session.flush()
-            session.add_all(self.pending)
+            insert_all(session, self.pending)
             self.pending.clear()
-            session.flush()
 
 
 def prefetch(
