@@ -34,6 +34,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from fhir_api import mhd
@@ -627,12 +628,16 @@ async def process_bundle(request: Request, principal: Principal, hub: Hub) -> Re
         raise FhirError(400, "Bundle.entry must be a list", expression=["Bundle.entry"])
     root = hub.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
     base = root.rstrip("/") + "/fhir"
+    # The entries are written on a worker thread, as a sync route's work is: the event
+    # loop goes on serving other requests (another Bundle's) while this one waits for
+    # the database.
     if bundle_type == "batch":
-        return fhir_json(_batch(request, hub, principal, raw, base))
+        return fhir_json(await run_in_threadpool(_batch, request, hub, principal, raw, base))
     if problems := _bundle_level_problems(bundle):
         raise FhirError(400, "invalid Bundle", issues=problems)
     entries = [_entry(i, item) for i, item in enumerate(raw)]
-    return fhir_json(_transaction(request, hub, principal, entries, base))
+    answer = await run_in_threadpool(_transaction, request, hub, principal, entries, base)
+    return fhir_json(answer)
 
 
 def _bundle_level_problems(bundle: dict[str, Any]) -> list[dict[str, Any]]:

@@ -940,6 +940,7 @@ def _link_all(
         patient_of.update((case_id, patient_pk) for case_id, patient_pk in session.execute(query))
     binaries: list[dict[str, Any]] = []
     subjects: list[dict[str, Any]] = []
+    linked: set[str] = set()
     for head, case_id, content in links:
         head.case_id = case_id
         patient_pk = patient_of.get(case_id)
@@ -953,7 +954,8 @@ def _link_all(
         held = session.identity_map.get(identity_key(FhirResource, subject)) if subject else None
         if isinstance(held, FhirResource) and held.patient_pk is not None:
             continue  # linked already (a patient_pk is never unset)
-        if subject and patient_pk:
+        if subject and patient_pk and subject not in linked:
+            linked.add(subject)
             subjects.append(
                 {
                     "b_id": subject,
@@ -1184,8 +1186,17 @@ def _settle_referrals(hub: Hub, principal: Principal, done: list[Stored], rules:
         return
     with transaction(hub.sessions) as session:
         ids = [done[i].id for i in relink]
+        # The subject Patients' heads too: _link_all leaves alone those linked already.
+        subjects = [
+            s.removeprefix("Patient/")
+            for i in relink
+            if done[i].content and (s := _subject(done[i].content or {}))
+        ]
         heads = {
-            h.id: h for h in session.scalars(select(FhirResource).where(FhirResource.id.in_(ids)))
+            h.id: h
+            for h in session.scalars(
+                select(FhirResource).where(FhirResource.id.in_([*ids, *subjects]))
+            )
         }
         links = []
         for i, case_id in relink.items():
