@@ -963,6 +963,10 @@ def _link_all(
                     "b_patient": patient_pk,
                 }
             )
+    # In id order: two transactions linking the same rows lock them in the same order, so
+    # one waits for the other instead of deadlocking.
+    binaries.sort(key=lambda p: str(p["b_id"]))
+    subjects.sort(key=lambda p: str(p["b_id"]))
     table = cast(Table, FhirResource.__table__)
     if binaries:
         session.execute(
