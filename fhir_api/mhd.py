@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
@@ -185,8 +186,15 @@ def binary_from_json(content: dict[str, Any], where: str = "Binary") -> tuple[st
 def store_bytes(hub: Hub, data: bytes) -> documents.Sealed:
     """Seal `data` into the blob store; a store that cannot take it is a 503 (retry later),
     never a 500 and never an acknowledgement."""
+    return store_many(hub, [data])[0]
+
+
+def store_many(hub: Hub, datas: Sequence[bytes]) -> list[documents.Sealed]:
+    """`store_bytes` for many documents, durable together (saf.documents.put_many)."""
     try:
-        return documents.put(hub, data)
+        if len(datas) == 1:
+            return [documents.put(hub, datas[0])]
+        return documents.put_many(hub, datas)
     except OSError as exc:
         raise FhirError(
             503, f"cannot write to the blob store: {exc.strerror or exc}", code="transient"

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from saf.crypto import open_value, reseal_value, seal_value, value_key_id
-from saf.db import transaction
+from saf.db import insert_all, transaction
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import (
@@ -28,9 +28,10 @@ from saf.models import (
     Series,
     Study,
     User,
+    new_id,
     utcnow,
 )
-from saf.routing import CaseFacts, RuleSet
+from saf.routing import CaseFacts, Rule, RuleSet
 
 Priority = Literal["stat", "urgent", "routine"]
 
@@ -204,7 +205,7 @@ def on_referrals(hub: Hub, referrals: Sequence[Referral], rules: RuleSet) -> lis
         return results
     try:
         with transaction(hub.sessions) as session:
-            linked = [_case_for_referral(hub, session, referrals[i], rules) for i in todo]
+            linked = _cases_for_referrals(hub, session, [referrals[i] for i in todo], rules)
     except (IntegrityError, OperationalError):
         # A concurrent run made one of these first, or (PostgreSQL) a deadlock with a
         # writer that locks in another order: nothing was kept; one by one, retrying.
@@ -302,17 +303,7 @@ def _case_for_referral(hub: Hub, session: Session, referral: Referral, rules: Ru
     target = existing or _new_case(
         hub, session, referral.clinic_id, patient_pk, referral.accession_number, referral.priority
     )
-    session.add(
-        CaseReferral(
-            case_id=target.id,
-            clinic_id=referral.clinic_id,
-            service_request_id=referral.service_request_id,
-            accession_number=referral.accession_number,
-            study_instance_uid=referral.study_instance_uid,
-            requested_specialty=referral.requested_specialty,
-            priority=referral.priority,
-        )
-    )
+    session.add(_referral_row(target.id, referral))
     session.flush()
     if existing is None:
         _route_new(session, target, rules)
@@ -327,16 +318,110 @@ def _case_for_referral(hub: Hub, session: Session, referral: Referral, rules: Ru
     return target.id
 
 
-def _new_case(
+class _Pending:
+    """Rows of `_cases_for_referrals` not yet flushed, in the order their foreign keys
+    need (patients, then cases, then the rows naming a case): the models have no ORM
+    relationships, so one flush would not order them."""
+
+    def __init__(self) -> None:
+        self.patients: list[Patient] = []
+        self.cases: list[Case] = []
+        self.rest: list[CaseReferral | CaseEvent | OutboxEvent] = []
+
+    def flush(self, session: Session) -> None:
+        for rows in (self.patients, self.cases, self.rest):
+            insert_all(session, rows)
+            rows.clear()
+
+
+def _cases_for_referrals(
+    hub: Hub, session: Session, referrals: Sequence[Referral], rules: RuleSet
+) -> list[str]:
+    """`_case_for_referral` for each referral in turn, with the same outcome, in a few
+    round trips rather than several per referral: the links and patients they name are
+    read in one query each, and a referral that makes a new case (the usual one: no
+    accession number or study UID to join an open case by) is routed without reading the
+    case back (a new case holds no study, and its requested specialty is its referral's),
+    and written with the others in three flushes. A referral that may join an open case
+    goes `_case_for_referral`'s way, after the rows before it are flushed."""
+    links: dict[tuple[str, str], str] = {}
+    patients: dict[tuple[str, str], str] = {}
+    clinics: dict[str, str] = {}
+    for clinic_id in {r.clinic_id for r in referrals}:
+        mine = [r for r in referrals if r.clinic_id == clinic_id]
+        for service_request_id, case_id in session.execute(
+            select(CaseReferral.service_request_id, CaseReferral.case_id).where(
+                CaseReferral.clinic_id == clinic_id,
+                CaseReferral.service_request_id.in_({r.service_request_id for r in mine}),
+            )
+        ):
+            links[(clinic_id, service_request_id)] = case_id
+        for patient_id, pk in session.execute(
+            select(Patient.patient_id, Patient.id).where(
+                Patient.clinic_id == clinic_id,
+                Patient.patient_id.in_({r.patient_id for r in mine}),
+            )
+        ):
+            patients[(clinic_id, patient_id)] = pk
+        clinics[clinic_id] = session.get_one(Clinic, clinic_id).name
+    pending = _Pending()
+    out: list[str] = []
+    for referral in referrals:
+        key = (referral.clinic_id, referral.service_request_id)
+        if key in links:
+            out.append(links[key])
+            continue
+        if referral.accession_number or referral.study_instance_uid:
+            pending.flush(session)
+            links[key] = _case_for_referral(hub, session, referral, rules)
+            out.append(links[key])
+            continue
+        patient_pk = patients.get((referral.clinic_id, referral.patient_id))
+        if patient_pk is None:
+            patient = Patient(id=new_id(), clinic_id=referral.clinic_id,
+                              patient_id=referral.patient_id)  # fmt: skip
+            pending.patients.append(patient)
+            patient_pk = patients[(referral.clinic_id, referral.patient_id)] = patient.id
+        new = _case_row(hub, referral.clinic_id, patient_pk, None, referral.priority)
+        pending.cases.append(new)
+        pending.rest.append(_referral_row(new.id, referral))
+        facts = CaseFacts(
+            modalities=frozenset(),
+            body_parts=frozenset(),
+            clinic=clinics[referral.clinic_id],
+            requested_specialty=referral.requested_specialty,
+            priority=referral.priority,
+        )
+        pending.rest += _routed(new, rules.route(facts))
+        links[key] = new.id
+        out.append(new.id)
+    pending.flush(session)
+    return out
+
+
+def _referral_row(case_id: str, referral: Referral) -> CaseReferral:
+    return CaseReferral(
+        case_id=case_id,
+        clinic_id=referral.clinic_id,
+        service_request_id=referral.service_request_id,
+        accession_number=referral.accession_number,
+        study_instance_uid=referral.study_instance_uid,
+        requested_specialty=referral.requested_specialty,
+        priority=referral.priority,
+    )
+
+
+def _case_row(
     hub: Hub,
-    session: Session,
     clinic_id: str,
     patient_pk: str,
     accession_number: str | None,
     priority: Priority,
 ) -> Case:
+    """A new requested case, its id assigned (not yet added to a session)."""
     now = utcnow()
-    new = Case(
+    return Case(
+        id=new_id(),
         clinic_id=clinic_id,
         patient_pk=patient_pk,
         status=TaskStatus.REQUESTED,
@@ -348,16 +433,32 @@ def _new_case(
         created_at=now,
         updated_at=now,
     )
+
+
+def _new_case(
+    hub: Hub,
+    session: Session,
+    clinic_id: str,
+    patient_pk: str,
+    accession_number: str | None,
+    priority: Priority,
+) -> Case:
+    new = _case_row(hub, clinic_id, patient_pk, accession_number, priority)
     session.add(new)
     session.flush()
     return new
 
 
 def _route_new(session: Session, new: Case, rules: RuleSet) -> None:
-    rule = rules.route(_case_facts(session, new))
-    new.specialty, new.routed_by = rule.worklist, rule.name
-    _record(session, new.id, "saf", None, TaskStatus.REQUESTED, f"routed by rule {rule.name}")
+    session.add_all(_routed(new, rules.route(_case_facts(session, new))))
     session.flush()
+
+
+def _routed(new: Case, rule: Rule) -> list[CaseEvent | OutboxEvent]:
+    """Put a new case on `rule`'s worklist; the rows that record it."""
+    new.specialty, new.routed_by = rule.worklist, rule.name
+    note = f"routed by rule {rule.name}"
+    return _record_rows(new.id, "saf", None, TaskStatus.REQUESTED, note, new)
 
 
 def _reroute(hub: Hub, session: Session, target: Case, rules: RuleSet) -> None:
@@ -531,6 +632,15 @@ def _record(
             Case.note_sealed,
         ).where(Case.id == case_id)
     ).one()
+    session.add_all(_record_rows(case_id, actor, before, after, note, now))
+
+
+def _record_rows(
+    case_id: str, actor: str, before: str | None, after: str, note: str, now: Any
+) -> list[CaseEvent | OutboxEvent]:
+    """The event (with `now`, the case as it is after it: a Case or a row with its status,
+    priority, assigned_to, specialty, due_at, updated_at and note_sealed) and, for a status
+    change, the outbox event."""
     state = {
         "status": now.status,
         "priority": now.priority,
@@ -539,7 +649,7 @@ def _record(
         "due_at": now.due_at.isoformat(),
         "updated_at": now.updated_at.isoformat(),
     }
-    session.add(
+    rows: list[CaseEvent | OutboxEvent] = [
         CaseEvent(
             case_id=case_id,
             actor=actor,
@@ -549,16 +659,17 @@ def _record(
             state=state,
             note_sealed=now.note_sealed,
         )
-    )
+    ]
     if before != after:
         # In the same transaction: subscribers (saf.subscriptions) hear of every status
         # change, or of none if the change rolls back.
-        session.add(
+        rows.append(
             OutboxEvent(
                 topic=CASE_STATUS_TOPIC,
                 payload={"case_id": case_id, "from": before, "to": after, "actor": actor},
             )
         )
+    return rows
 
 
 # --------------------------------------------------------------------------- Task updates

@@ -1,9 +1,9 @@
 """Document bytes (FHIR Binary): sealed into the blob store like DICOM, never into the database.
 
-`put` seals the bytes with saf.vault.store (the one sealing path, shared with
-saf.ingest) before any transaction; the caller adds the returned `Blob` row and the
-`FhirBinary` row in its transaction, and calls `discard` if that transaction fails, so
-a failed write leaves neither rows nor objects (`saf fsck` sees no orphan).
+`put` (`put_many` for a Bundle's) seals the bytes with saf.vault.store (the one sealing
+path, shared with saf.ingest) before any transaction; the caller adds the returned `Blob`
+row and the `FhirBinary` row in its transaction, and calls `discard` if that transaction
+fails, so a failed write leaves neither rows nor objects (`saf fsck` sees no orphan).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from saf import vault
@@ -37,6 +38,16 @@ def put(hub: Hub, data: bytes) -> Sealed:
     """Seal `data` into a new blob (durable on return; its row is not yet committed)."""
     blob = vault.store(hub, io.BytesIO(data), len(data))
     return Sealed(blob, len(data), hashlib.sha1(data, usedforsecurity=False).hexdigest())
+
+
+def put_many(hub: Hub, datas: Sequence[bytes]) -> list[Sealed]:
+    """`put` for many documents (a transaction Bundle's Binaries): durable together when
+    this returns, none left if it raises."""
+    blobs = vault.store_many(hub, datas)
+    return [
+        Sealed(blob, len(data), hashlib.sha1(data, usedforsecurity=False).hexdigest())
+        for blob, data in zip(blobs, datas, strict=True)
+    ]
 
 
 def discard(hub: Hub, sealed: Sealed) -> None:

@@ -64,10 +64,12 @@ from datetime import UTC, datetime
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, urlencode
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, or_, select
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from saf import documents, tenancy
 from saf.audit import autocommit_connection
@@ -85,7 +87,7 @@ from saf.cases import (
     transition,
 )
 from saf.crypto import open_value, reseal_value, seal_value, value_key_id
-from saf.db import transaction
+from saf.db import insert_all, transaction
 from saf.hub import Hub
 from saf.identity import Principal
 from saf.models import (
@@ -420,7 +422,9 @@ def _local_target(ref: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_references(session: Session, principal: Principal, content: dict[str, Any]) -> None:
+def _check_references(
+    session: Session, principal: Principal, content: dict[str, Any], batch: Batch | None = None
+) -> None:
     """Every relative reference to a type kept here must name a live resource the caller
     sees (so a referral cannot point at another clinic's patient); a ``urn:uuid:`` left
     unresolved (outside a transaction Bundle, or naming no entry of it) is refused too."""
@@ -428,7 +432,7 @@ def _check_references(session: Session, principal: Principal, content: dict[str,
         if ref.startswith("urn:uuid:"):
             raise StoreError(f"reference {ref!r} names no entry of a transaction Bundle", path)
         target = _local_target(ref)
-        if target is None:
+        if target is None or (batch is not None and batch.head(*target) is not None):
             continue
         found = session.scalar(
             tenancy.visible_fhir_resources(principal)
@@ -455,7 +459,12 @@ def patient_id_of(patient: dict[str, Any], fallback: str) -> str:
 
 
 def referral_of(
-    session: Session, hub: Hub, principal: Principal, clinic_id: str, sr: dict[str, Any]
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    clinic_id: str,
+    sr: dict[str, Any],
+    batch: Batch | None = None,
 ) -> Referral | None:
     """What a ServiceRequest tells saf.cases, or None when it is not (yet) a referral.
 
@@ -484,14 +493,18 @@ def referral_of(
     ref = _reference_of(subject)
     target = _local_target(ref) if ref else None
     if target and target[0] == "Patient":
-        head = session.scalar(
-            tenancy.visible_fhir_resources(principal).where(FhirResource.id == target[1])
-        )
-        version = head and session.get(FhirVersion, (head.id, head.version_id))
-        patient = _open(hub, head, version) if head and version else None
+        patient = batch.content(hub, *target) if batch is not None else None
+        if patient is None:
+            if batch is not None:
+                batch.flush(session)
+            head = session.scalar(
+                tenancy.visible_fhir_resources(principal).where(FhirResource.id == target[1])
+            )
+            version = head and session.get(FhirVersion, (head.id, head.version_id))
+            patient = _open(hub, head, version) if head and version else None
         if patient is None:
             raise StoreError("the subject Patient does not resolve", "ServiceRequest.subject")
-        patient_id = patient_id_of(patient, head.id if head else "")
+        patient_id = patient_id_of(patient, target[1])
     elif isinstance((subject.get("identifier") or {}).get("value"), str):
         patient_id = subject["identifier"]["value"][:64]
     else:
@@ -539,7 +552,9 @@ def _refs(content: dict[str, Any], *keys: str) -> Iterator[tuple[str, str]]:
                 yield path, ref
 
 
-def _case_of(session: Session, principal: Principal, content: dict[str, Any]) -> str | None:
+def _case_of(
+    session: Session, principal: Principal, content: dict[str, Any], batch: Batch | None = None
+) -> str | None:
     """The case a reply, question or document is about, among the cases the caller sees.
 
     DiagnosticReport: ``basedOn`` a ServiceRequest of a case, or ``imagingStudy`` naming
@@ -585,6 +600,11 @@ def _case_of(session: Session, principal: Principal, content: dict[str, Any]) ->
             continue
         for linked_type in ("ServiceRequest", "Communication", "DiagnosticReport"):
             if (rid := _ref_id(ref, linked_type)) is not None:
+                cached = batch.head(linked_type, rid) if batch is not None else None
+                if cached is not None:
+                    if cached.case_id:
+                        return cached.case_id
+                    continue
                 found = session.scalar(
                     tenancy.visible_fhir_resources(principal)
                     .with_only_columns(FhirResource.case_id)
@@ -593,6 +613,9 @@ def _case_of(session: Session, principal: Principal, content: dict[str, Any]) ->
                 if found:
                     return found
     if resource_type == "DocumentReference" and (subject := _subject(content)):
+        cached = batch.head("Patient", subject.removeprefix("Patient/")) if batch else None
+        if batch and cached and cached.patient_pk and cached.patient_pk in batch.open_cases:
+            return batch.open_cases[cached.patient_pk]
         patient_pk = session.scalar(
             tenancy.visible_fhir_resources(principal)
             .with_only_columns(FhirResource.patient_pk)
@@ -708,6 +731,117 @@ def apply_case_effect(
     raise CaseError(f"case {case_id}: could not reach {target}")
 
 
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """What the POSTs of one transaction Bundle look up, read in a few queries before they
+    are written, and the rows they add after their heads, flushed together (`flush`).
+
+    Only for a caller who acts for one clinic: what it sees is its clinic's, whatever the
+    entries link meanwhile. A lookup the batch does not hold (a reference to an entry of
+    the same Bundle, say) is the query `create_in` makes alone, after `flush`, so every
+    answer is the one the entries written one by one would get. Made by `prefetch`.
+    """
+
+    heads: dict[tuple[str, str], tuple[FhirResource, FhirVersion]] = field(default_factory=dict)
+    """(type, id) -> head and current version of the live resources the entries reference."""
+    opened: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """Resource id -> its unsealed content (opened on first use)."""
+    index_patients: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    """(clinic id, patient id) -> the index Patient's id, or None when there is none."""
+    open_cases: dict[str, str | None] = field(default_factory=dict)
+    """Index patient id -> the newest open case the caller sees, or None."""
+    cases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Case id -> (clinic id, patient pk) of the cases in `open_cases`."""
+    pending: list[Any] = field(default_factory=list)
+    """Versions, tokens, binaries and outbox rows, written after the heads they name."""
+
+    def head(self, resource_type: str, resource_id: str) -> FhirResource | None:
+        found = self.heads.get((resource_type, resource_id))
+        return found[0] if found else None
+
+    def content(self, hub: Hub, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """The current content of a live resource the batch holds (None if it holds none)."""
+        found = self.heads.get((resource_type, resource_id))
+        if found is None:
+            return None
+        if resource_id not in self.opened:
+            self.opened[resource_id] = _open(hub, *found)
+        return self.opened[resource_id]
+
+    def flush(self, session: Session) -> None:
+        """Write the pending rows after the heads they reference (the models have no ORM
+        relationships, so one flush would not order them)."""
+        if self.pending:
+            session.flush()
+            insert_all(session, self.pending)
+            self.pending.clear()
+
+
+def prefetch(
+    session: Session, hub: Hub, principal: Principal, contents: Sequence[dict[str, Any]]
+) -> Batch | None:
+    """The `Batch` for creating `contents` in `session` (after any deletion the same
+    transaction makes), or None when the caller does not act for one clinic. Three queries:
+    the live resources they reference, the index patients of their Patients, and the
+    newest open case of each DocumentReference's subject."""
+    clinic_id = principal.clinic_id
+    if not tenancy.acts_for_clinic(principal) or clinic_id is None:
+        return None
+    batch = Batch()
+    targets = {
+        target
+        for content in contents
+        for _path, ref in references(content, content["resourceType"])
+        if (target := _local_target(ref)) is not None
+    }
+    if targets:
+        query = _with_current(tenancy.visible_fhir_resources(principal)).where(
+            FhirResource.id.in_({rid for _type, rid in targets}), FhirResource.deleted.is_(False)
+        )
+        for head, version in session.execute(query):
+            batch.heads[(head.resource_type, head.id)] = (head, version)
+    patient_ids = {
+        pid for c in contents if c["resourceType"] == "Patient" if (pid := patient_id_of(c, ""))
+    }
+    if patient_ids:
+        batch.index_patients = dict.fromkeys(((clinic_id, p) for p in patient_ids), None)
+        for patient_id, pk in session.execute(
+            select(Patient.patient_id, Patient.id).where(
+                Patient.clinic_id == clinic_id, Patient.patient_id.in_(patient_ids)
+            )
+        ):
+            batch.index_patients[(clinic_id, patient_id)] = pk
+    subjects = [
+        batch.head("Patient", subject.removeprefix("Patient/"))
+        for c in contents
+        if c["resourceType"] == "DocumentReference"
+        if (subject := _subject(c))
+    ]
+    patient_pks = {h.patient_pk for h in subjects if h is not None and h.patient_pk}
+    if patient_pks:
+        newest = (
+            func.row_number()
+            .over(partition_by=Case.patient_pk, order_by=Case.created_at.desc())
+            .label("newest")
+        )
+        ranked = (
+            tenancy.visible_cases(principal)
+            .with_only_columns(Case.id, Case.clinic_id, Case.patient_pk, newest)
+            .where(Case.patient_pk.in_(patient_pks), Case.status.in_(list(OPEN)))
+            .subquery()
+        )
+        batch.open_cases = dict.fromkeys(patient_pks, None)
+        for case_id, case_clinic, patient_pk in session.execute(
+            select(ranked.c.id, ranked.c.clinic_id, ranked.c.patient_pk).where(ranked.c.newest == 1)
+        ):
+            batch.open_cases[patient_pk] = case_id
+            batch.cases[case_id] = (case_clinic, patient_pk)
+    return batch
+
+
 # --------------------------------------------------------------------------- writes
 
 
@@ -742,10 +876,17 @@ def _write(
     content: dict[str, Any] | None,
     method: str,
     now: datetime,
-    *,
-    fresh: bool = False,
 ) -> None:
-    session.add(
+    """A new version of an existing resource, and its tokens in place of the old ones."""
+    session.execute(sql_delete(FhirToken).where(FhirToken.resource_id == head.id))
+    session.add_all(_version_rows(hub, head, content, method, now))
+
+
+def _version_rows(
+    hub: Hub, head: FhirResource, content: dict[str, Any] | None, method: str, now: datetime
+) -> list[FhirVersion | FhirToken]:
+    """The version row of `head`'s current version and the token rows of `content`."""
+    rows: list[FhirVersion | FhirToken] = [
         FhirVersion(
             resource_id=head.id,
             version_id=head.version_id,
@@ -753,12 +894,13 @@ def _write(
             method=method,
             content_sealed=_seal(hub, content, head.version_id) if content else None,
         )
-    )
-    if not fresh:  # a new resource has no tokens yet
-        session.execute(sql_delete(FhirToken).where(FhirToken.resource_id == head.id))
+    ]
     if content is not None:
-        for param, system, value in _tokens(content):
-            session.add(FhirToken(resource_id=head.id, param=param, system=system, value=value))
+        rows += [
+            FhirToken(resource_id=head.id, param=param, system=system, value=value)
+            for param, system, value in _tokens(content)
+        ]
+    return rows
 
 
 def _stamp(content: dict[str, Any], resource_id: str, version_id: int, now: datetime) -> None:
@@ -769,13 +911,17 @@ def _stamp(content: dict[str, Any], resource_id: str, version_id: int, now: date
     content["meta"] = meta
 
 
-def _patient_link(session: Session, clinic_id: str, content: dict[str, Any]) -> str | None:
+def _patient_link(
+    session: Session, clinic_id: str, content: dict[str, Any], batch: Batch | None = None
+) -> str | None:
     """The index patient a FHIR Patient stands for, when one with its identifier exists."""
     if content["resourceType"] != "Patient":
         return None
     patient_id = patient_id_of(content, "")
     if not patient_id:
         return None
+    if batch is not None and (clinic_id, patient_id) in batch.index_patients:
+        return batch.index_patients[(clinic_id, patient_id)]
     return session.scalar(
         select(Patient.id).where(Patient.clinic_id == clinic_id, Patient.patient_id == patient_id)
     )
@@ -786,48 +932,112 @@ def _after_link(
 ) -> None:
     """Tie a resource (and a referral's subject Patient resource, and the Binaries a
     document's attachments name) to the case."""
-    if case_id is None:
+    if case_id is not None:
+        _link_all(session, [(head, case_id, content)])
+
+
+def _link_all(
+    session: Session,
+    links: Sequence[tuple[FhirResource, str, dict[str, Any]]],
+    case_patients: dict[str, str] | None = None,
+) -> None:
+    """`_after_link` for many (head, case id, content), in one query for the cases'
+    patients (none when `case_patients` has them all) and one statement per kind of row
+    linked."""
+    if not links:
         return
-    head.case_id = case_id
-    patient_pk = session.scalar(select(Case.patient_pk).where(Case.id == case_id))
-    binaries = _binary_ids(content)
-    if binaries:
+    patient_of = dict(case_patients or {})
+    if missing := {case_id for _h, case_id, _c in links} - patient_of.keys():
+        query = select(Case.id, Case.patient_pk).where(Case.id.in_(missing))
+        patient_of.update((case_id, patient_pk) for case_id, patient_pk in session.execute(query))
+    binaries: list[dict[str, Any]] = []
+    subjects: list[dict[str, Any]] = []
+    linked: set[str] = set()
+    for head, case_id, content in links:
+        head.case_id = case_id
+        patient_pk = patient_of.get(case_id)
         # A Binary is posted before the DocumentReference that names it, so it knows no
         # case; linked here, the case's specialist can read the bytes the document is.
-        session.execute(
-            sql_update(FhirResource)
-            .where(
-                FhirResource.id.in_(binaries),
-                FhirResource.resource_type == BINARY,
-                FhirResource.clinic_id == head.clinic_id,
-                FhirResource.case_id.is_(None),
+        binaries += [
+            {"b_id": b, "b_clinic": head.clinic_id, "b_case": case_id, "b_patient": patient_pk}
+            for b in _binary_ids(content)
+        ]
+        subject = head.subject.removeprefix("Patient/") if head.subject else None
+        held = session.identity_map.get(identity_key(FhirResource, subject)) if subject else None
+        if isinstance(held, FhirResource) and held.patient_pk is not None:
+            continue  # linked already (a patient_pk is never unset)
+        if subject and patient_pk and subject not in linked:
+            linked.add(subject)
+            subjects.append(
+                {
+                    "b_id": subject,
+                    "b_clinic": head.clinic_id,
+                    "b_patient": patient_pk,
+                }
             )
-            .values(case_id=case_id, patient_pk=patient_pk)
-        )
-    if head.subject and patient_pk:
+    # In id order: two transactions linking the same rows lock them in the same order, so
+    # one waits for the other instead of deadlocking.
+    binaries.sort(key=lambda p: str(p["b_id"]))
+    subjects.sort(key=lambda p: str(p["b_id"]))
+    table = cast(Table, FhirResource.__table__)
+    if binaries:
         session.execute(
-            sql_update(FhirResource)
+            table.update()
             .where(
-                FhirResource.id == head.subject.removeprefix("Patient/"),
-                FhirResource.clinic_id == head.clinic_id,
-                FhirResource.patient_pk.is_(None),
+                table.c.id == bindparam("b_id"),
+                table.c.resource_type == BINARY,
+                table.c.clinic_id == bindparam("b_clinic"),
+                table.c.case_id.is_(None),
             )
-            .values(patient_pk=patient_pk)
+            .values(case_id=bindparam("b_case"), patient_pk=bindparam("b_patient")),
+            binaries,
         )
+    if subjects:
+        session.execute(
+            table.update()
+            .where(
+                table.c.id == bindparam("b_id"),
+                table.c.clinic_id == bindparam("b_clinic"),
+                table.c.patient_pk.is_(None),
+            )
+            .values(patient_pk=bindparam("b_patient")),
+            subjects,
+        )
+    # The statements above are Core's (one executemany each): the heads of this session
+    # learn their new values here, as an ORM update would have told them.
+    for params, unset in [(p, "case_id") for p in binaries] + [(p, "patient_pk") for p in subjects]:
+        held = session.identity_map.get(identity_key(FhirResource, params["b_id"]))
+        matched = (
+            isinstance(held, FhirResource)
+            and held.clinic_id == params["b_clinic"]
+            and getattr(held, unset) is None
+            and (unset != "case_id" or held.resource_type == BINARY)
+        )
+        if matched and unset == "case_id":
+            set_committed_value(held, "case_id", params["b_case"])
+        if matched:
+            set_committed_value(held, "patient_pk", params["b_patient"])
 
 
 def _prepare(
-    session: Session, hub: Hub, principal: Principal, content: dict[str, Any]
+    session: Session,
+    hub: Hub,
+    principal: Principal,
+    content: dict[str, Any],
+    batch: Batch | None = None,
 ) -> tuple[str | None, str | None]:
     """Checks every write makes before storing: references, attachments, a referral's
     mapping, the case a reply is about and whether its state machine takes it. Returns
     (case id, clinic of that case)."""
-    _check_references(session, principal, content)
-    _check_attachments(session, principal, content)
-    case_id = _case_of(session, principal, content)
+    _check_references(session, principal, content, batch)
+    _check_attachments(session, principal, content, batch)
+    case_id = _case_of(session, principal, content, batch)
     case_clinic = None
     if case_id is not None:
-        case_clinic = session.scalar(select(Case.clinic_id).where(Case.id == case_id))
+        if batch is not None and case_id in batch.cases:
+            case_clinic = batch.cases[case_id][0]
+        else:
+            case_clinic = session.scalar(select(Case.clinic_id).where(Case.id == case_id))
         target = case_effect(content, _from_clinic(principal, case_clinic or ""))
         if target is not None:
             _check_effect(session, case_id, content, target)
@@ -853,13 +1063,16 @@ def create_in(
     *,
     resource_id: str | None = None,
     document: documents.Sealed | None = None,
+    batch: Batch | None = None,
 ) -> Stored:
     """Store a new resource in `session` (the caller's transaction); the server assigns the
     id unless `resource_id` (a transaction's pre-assigned id) is given. A Binary's bytes
-    come as `document` (sealed already); its content keeps no ``data``."""
+    come as `document` (sealed already); its content keeps no ``data``. With `batch` (see
+    `prefetch`), the lookups come from it and the rows after the head wait in it for
+    `Batch.flush`, which the caller calls before the transaction commits."""
     content = dict(content)
     resource_type = content["resourceType"]
-    case_id, case_clinic = _prepare(session, hub, principal, content)
+    case_id, case_clinic = _prepare(session, hub, principal, content, batch)
     clinic_id = _owner(principal, resource_type, case_clinic)
     resource_id = resource_id or new_id()
     now = utcnow()
@@ -867,7 +1080,7 @@ def create_in(
         content.pop("data", None)  # the bytes are the sealed blob, not the JSON
     _stamp(content, resource_id, 1, now)
     if resource_type == "ServiceRequest":
-        referral_of(session, hub, principal, clinic_id, content)  # refuse a bad mapping now
+        referral_of(session, hub, principal, clinic_id, content, batch)  # a bad mapping: now
     head = FhirResource(
         id=resource_id,
         resource_type=resource_type,
@@ -877,27 +1090,35 @@ def create_in(
         deleted=False,
         status=_status(content),
         subject=_subject(content),
-        patient_pk=_patient_link(session, clinic_id, content),
+        patient_pk=_patient_link(session, clinic_id, content, batch),
     )
     session.add(head)
-    session.flush()  # the head first: versions, tokens and binaries reference it (no ORM
-    # relationships, so the unit of work would not order them)
-    _write(session, hub, head, content, "POST", now, fresh=True)
-    _after_link(session, head, case_id, content)
+    # The head first: versions, tokens and binaries reference it (no ORM relationships, so
+    # the unit of work would not order them). In a batch, they wait for Batch.flush.
+    after: list[Any] = _version_rows(hub, head, content, "POST", now)
+    if case_id is not None:
+        case_patients = (
+            {case_id: batch.cases[case_id][1]} if batch and case_id in batch.cases else None
+        )
+        _link_all(session, [(head, case_id, content)], case_patients)
     if document is not None:
         blob, binary = documents.index_rows(document, resource_id, content["contentType"])
-        session.add(blob)
-        session.flush()  # the blob row before the row that references it
-        session.add(binary)
+        session.add(blob)  # no foreign key: it goes with the head
+        after.append(binary)
     if resource_type in DOCUMENT_TYPES:
-        session.add(
+        after.append(
             OutboxEvent(
                 topic=DOCUMENT_TOPIC,
                 payload={"type": resource_type, "id": resource_id, "case_id": case_id},
             )
         )
-    # No flush here: the next query or write of the transaction flushes these rows with
-    # its own (fewer round trips for a Bundle), the commit flushes the last ones.
+    if batch is not None:
+        batch.pending += after
+    else:
+        session.flush()
+        session.add_all(after)
+    # No second flush here: the next query or write of the transaction flushes these rows
+    # with its own, the commit flushes the last ones.
     return Stored(
         resource_type, resource_id, 1, now, False, content, clinic_id, head.patient_pk, case_id
     )
@@ -934,7 +1155,7 @@ def settle(
                 _after_link(session, head, case_id, content)
                 patient_pk = head.patient_pk
             done[i] = replace(stored, case_id=case_id, patient_pk=patient_pk)
-        if case_id is not None:
+        if case_id is not None and (case_effect(content, True) or case_effect(content, False)):
             with hub.sessions() as session:
                 clinic = session.scalar(select(Case.clinic_id).where(Case.id == case_id))
             target = case_effect(content, _from_clinic(principal, clinic or ""))
@@ -962,10 +1183,11 @@ def _settle_referrals(hub: Hub, principal: Principal, done: list[Stored], rules:
         return
     referrals: dict[int, Referral] = {}
     with hub.sessions() as session:
-        for i in live:
-            content = done[i].content
+        contents = [done[i].content for i in live]
+        batch = prefetch(session, hub, principal, [c for c in contents if c is not None])
+        for i, content in zip(live, contents, strict=True):
             assert content is not None
-            referral = referral_of(session, hub, principal, done[i].clinic_id, content)
+            referral = referral_of(session, hub, principal, done[i].clinic_id, content, batch)
             if referral is not None:
                 referrals[i] = referral
     cases = on_referrals(hub, list(referrals.values()), rules)
@@ -980,15 +1202,26 @@ def _settle_referrals(hub: Hub, principal: Principal, done: list[Stored], rules:
         return
     with transaction(hub.sessions) as session:
         ids = [done[i].id for i in relink]
+        # The subject Patients' heads too: _link_all leaves alone those linked already.
+        subjects = [
+            s.removeprefix("Patient/")
+            for i in relink
+            if done[i].content and (s := _subject(done[i].content or {}))
+        ]
         heads = {
-            h.id: h for h in session.scalars(select(FhirResource).where(FhirResource.id.in_(ids)))
+            h.id: h
+            for h in session.scalars(
+                select(FhirResource).where(FhirResource.id.in_([*ids, *subjects]))
+            )
         }
+        links = []
         for i, case_id in relink.items():
-            head = heads[done[i].id]
             content = done[i].content
             assert content is not None
-            _after_link(session, head, case_id, content)
-            done[i] = replace(done[i], case_id=case_id, patient_pk=head.patient_pk)
+            links.append((heads[done[i].id], case_id, content))
+        _link_all(session, links)
+        for i, case_id in relink.items():
+            done[i] = replace(done[i], case_id=case_id, patient_pk=heads[done[i].id].patient_pk)
 
 
 def _withdraw(hub: Hub, principal: Principal, stored: Stored, case_id: str) -> None:
@@ -1315,7 +1548,9 @@ def _binary_ids(content: dict[str, Any]) -> list[str]:
     return ids
 
 
-def _check_attachments(session: Session, principal: Principal, content: dict[str, Any]) -> None:
+def _check_attachments(
+    session: Session, principal: Principal, content: dict[str, Any], batch: Batch | None = None
+) -> None:
     """An attachment's ``url`` ``Binary/<id>`` must be a Binary the caller sees, and its
     ``size`` and ``hash`` (base64 SHA-1) must be those of the bytes (stored, or inline
     ``data``); Unprocessable (422) naming the element otherwise."""
@@ -1332,6 +1567,8 @@ def _check_attachments(session: Session, principal: Principal, content: dict[str
             binary_id = _ref_id(url, "Binary") if url.startswith("Binary/") else None
             if binary_id is None:
                 continue  # an external URL: nothing here to check it against
+            if batch is not None:
+                batch.flush(session)  # a Binary of the same Bundle
             row = session.execute(
                 select(FhirBinary.size, FhirBinary.sha1)
                 .join(FhirResource, FhirBinary.resource_id == FhirResource.id)

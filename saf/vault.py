@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +29,20 @@ def store(hub: Hub, plaintext: BinaryIO, size: int) -> Blob:
     header, sealed = seal(hub.keyring, blob_id, plaintext)
     hub.blobs.put(blob_id, sealed)
     return Blob(id=blob_id, header=header.to_bytes(), key_id=header.key_id, size=size)
+
+
+def store_many(hub: Hub, plaintexts: Sequence[bytes]) -> list[Blob]:
+    """`store` for many small plaintexts at once: all durable when this returns (the
+    backend makes them durable together, `BlobStore.put_many`), none left if it raises."""
+    blob_ids = [new_blob_id() for _ in plaintexts]
+    sealed = [
+        seal(hub.keyring, b, io.BytesIO(p)) for b, p in zip(blob_ids, plaintexts, strict=True)
+    ]
+    hub.blobs.put_many([(b, chunks) for b, (_header, chunks) in zip(blob_ids, sealed, strict=True)])
+    return [
+        Blob(id=b, header=header.to_bytes(), key_id=header.key_id, size=len(p))
+        for b, (header, _chunks), p in zip(blob_ids, sealed, plaintexts, strict=True)
+    ]
 
 
 def discard(hub: Hub, blob: Blob) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 __all__ = [
@@ -49,6 +49,14 @@ class BlobStore(Protocol):
         Durable when it returns. Atomic: readers never see a partial object, and
         if `chunks` raises (or the process dies) nothing is left under blob_id.
         An existing blob with the same id is replaced.
+        """
+        ...
+
+    def put_many(self, blobs: Sequence[tuple[str, Iterable[bytes]]]) -> list[int]:
+        """`put` each (blob_id, chunks) and return the bytes written for each.
+
+        Durable when it returns, every blob atomic as with `put`; if it raises, none of
+        them is left. A backend may make them durable together (cheaper than one by one).
         """
         ...
 

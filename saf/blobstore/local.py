@@ -7,14 +7,18 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from saf.blobstore import BLOB_ID_PATTERN, BlobNotFound, validate_blob_id
 from saf.fsutil import fsync_dir
 
 __all__ = ["LocalBlobStore"]
+
+FSYNC_THREADS: Final = 8
+"""fsyncs in flight at once in `LocalBlobStore.put_many`."""
 
 _FAN_OUT_PATTERN = re.compile(r"^[0-9a-f]{2}$")
 _TEMP_PATTERN = re.compile(r"^\.([0-9a-f]{16,64})\.[0-9a-f]+\.tmp$")
@@ -68,6 +72,42 @@ class LocalBlobStore:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(target.parent)
+        return written
+
+    def put_many(self, blobs: Sequence[tuple[str, Iterable[bytes]]]) -> list[int]:
+        """Write every blob to its temp file, fsync them all at once (`FSYNC_THREADS` in
+        flight: the journal commits concurrent fsyncs together), rename each into place,
+        then fsync each directory once. On failure, temp files and renamed blobs go."""
+        staged: list[tuple[Path, Path]] = []
+        placed: list[Path] = []
+        written: list[int] = []
+        try:
+            for blob_id, chunks in blobs:
+                target = self.path_for(blob_id)
+                if target.parent not in self._known_dirs:
+                    self._make_dirs(target.parent)
+                    self._known_dirs.add(target.parent)
+                tmp = target.with_name(f".{blob_id}.{secrets.token_hex(4)}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                staged.append((tmp, target))
+                size = 0
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                        size += len(chunk)
+                written.append(size)
+            with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+                list(pool.map(_fsync_file, [tmp for tmp, _target in staged]))
+                for tmp, target in staged:
+                    os.replace(tmp, target)
+                    placed.append(target)
+                list(pool.map(fsync_dir, sorted({target.parent for _tmp, target in staged})))
+        except BaseException:
+            for tmp, _target in staged:
+                tmp.unlink(missing_ok=True)
+            for target in placed:
+                target.unlink(missing_ok=True)
+            raise
         return written
 
     def open(self, blob_id: str) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -152,6 +192,14 @@ class LocalBlobStore:
             except FileExistsError:
                 continue  # a concurrent put made it
             fsync_dir(d.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sorted_subdirs(path: Path) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,21 @@ class S3BlobStore:
             if upload_id is not None:
                 self._abort(key, upload_id)
             raise
+
+    def put_many(self, blobs: Sequence[tuple[str, Iterable[bytes]]]) -> list[int]:
+        """`put` each in turn (each object is durable when S3 answers); a failure deletes
+        those already put."""
+        done: list[str] = []
+        written: list[int] = []
+        try:
+            for blob_id, chunks in blobs:
+                written.append(self.put(blob_id, chunks))
+                done.append(blob_id)
+        except BaseException:
+            for blob_id in done:
+                self.delete(blob_id)
+            raise
+        return written
 
     def open(self, blob_id: str) -> _S3Reader:
         """Start a GET of the blob; BlobNotFound if there is no such object."""

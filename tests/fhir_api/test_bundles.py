@@ -12,9 +12,17 @@ import httpx
 from sqlalchemy import func, select
 
 from saf.fsck import fsck
-from saf.models import AuditRecord, Blob, Case, FhirResource, FhirVersion, OutboxEvent
+from saf.models import (
+    AuditRecord,
+    Blob,
+    Case,
+    CaseEvent,
+    FhirResource,
+    FhirVersion,
+    OutboxEvent,
+)
 from tests.factories import at_once, served_api, stored_blob_ids
-from tests.fhir_api.test_routes import FHIR, Api, api, patient, service_request
+from tests.fhir_api.test_routes import FHIR, V2, Api, api, patient, service_request
 
 __all__ = ["api"]
 
@@ -362,3 +370,203 @@ def test_odd_bundles_never_answer_500(api: Api) -> None:
             assert answer.json()["issue"][0]["diagnostics"]
     empty = send(api, transaction())
     assert empty.status_code == 200 and empty.json()["entry"] == []
+
+
+# --------------------------------------------------------------------------- many entries
+# A transaction's POSTs share their lookups and write their rows together
+# (saf.fhir_store.Batch); these check that the outcome is the one-by-one outcome.
+
+
+def _referral(pid: str, placer: str, accession: str | None = None) -> dict[str, Any]:
+    idents: list[dict[str, Any]] = [
+        {"type": {"coding": [{"system": V2, "code": "PLAC"}]}, "system": "urn:p", "value": placer}
+    ]
+    if accession:
+        idents.append(
+            {
+                "type": {"coding": [{"system": V2, "code": "ACSN"}]},
+                "system": "urn:a",
+                "value": accession,
+            }
+        )
+    return service_request(pid, identifier=idents, priority="routine")
+
+
+def _inline_document(pid: str, data: bytes = b"note", **attachment: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": f"Patient/{pid}"},
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "data": base64.b64encode(data).decode(),
+                    **attachment,
+                }
+            }
+        ],
+    }
+
+
+def _heads(api: Api, ids: list[str]) -> dict[str, FhirResource]:
+    with api.hub.sessions() as session:
+        rows = session.scalars(select(FhirResource).where(FhirResource.id.in_(ids))).all()
+        for row in rows:
+            session.expunge(row)
+    return {row.id: row for row in rows}
+
+
+def _created_ids(answer: Any) -> list[str]:
+    return [e["response"]["location"].split("/")[1] for e in answer.json()["entry"]]
+
+
+def test_a_hundred_documents_failing_at_the_last_leave_no_blob_and_no_row(api: Api) -> None:
+    pid = api.post(patient()).json()["id"]
+    before, blobs_before = _counts(api), stored_blob_ids(api.hub)
+    entries = []
+    for i in range(100):
+        data = f"document {i}".encode()
+        entries.append(post(f"urn:uuid:b{i}", binary(data)))
+        entries.append(post(None, document(f"Patient/{pid}", f"urn:uuid:b{i}", data)))
+    # the last DocumentReference claims another document's hash
+    entries[-1]["resource"]["content"][0]["attachment"]["hash"] = base64.b64encode(
+        hashlib.sha1(b"other").digest()
+    ).decode()
+    answer = send(api, transaction(*entries))
+    assert answer.status_code == 422, answer.text
+    assert "Bundle.entry[199]" in answer.json()["issue"][0]["diagnostics"]
+    assert _counts(api) == before
+    assert stored_blob_ids(api.hub) == blobs_before
+    report = fsck(api.hub)
+    assert report.ok and report.unindexed == []
+    # the same documents, every one right: all stored, each Binary readable
+    entries[-1]["resource"]["content"][0]["attachment"]["hash"] = base64.b64encode(
+        hashlib.sha1(b"document 99").digest()
+    ).decode()
+    answer = send(api, transaction(*entries))
+    assert answer.status_code == 200, answer.text
+    ids = _created_ids(answer)
+    assert _counts(api)[0] == before[0] + 200
+    assert len(stored_blob_ids(api.hub) - blobs_before) == 100
+    raw = api.client.get(f"/fhir/Binary/{ids[-2]}", headers=api.ehr)
+    assert raw.content == b"document 99"
+    found = api.client.get(f"/fhir/DocumentReference?patient={pid}&_count=200", headers=api.ehr)
+    assert found.json()["total"] == 100
+
+
+def test_a_hundred_inline_documents_failing_at_the_last_leave_no_row(api: Api) -> None:
+    pid = api.post(patient()).json()["id"]
+    before = _counts(api)
+    entries = [post(None, _inline_document(pid, f"note {i}".encode())) for i in range(100)]
+    entries[-1]["resource"]["content"][0]["attachment"]["size"] = 3
+    answer = send(api, transaction(*entries))
+    assert answer.status_code == 422, answer.text
+    assert "Bundle.entry[99]" in answer.json()["issue"][0]["diagnostics"]
+    assert _counts(api) == before
+
+
+def test_referrals_of_one_transaction_make_their_cases_as_one_by_one(api: Api) -> None:
+    p1, p2, p3 = (api.post(patient(mrn=f"MRN-R{i}")).json()["id"] for i in (1, 2, 3))
+    alone = api.post(_referral(p3, "Z"))  # the reference: a referral on its own
+    assert alone.status_code == 201, alone.text
+    bundle = transaction(
+        post(None, _referral(p1, "A")),
+        post(None, _referral(p2, "B")),
+        post(None, _referral(p1, "A")),  # the same order again: the same case
+        post(None, _referral(p2, "D", accession="ACC-9")),
+        post(None, _referral(p2, "E", accession="ACC-9")),  # joins D's case by accession
+        post(None, _referral(p1, "F")),
+    )
+    answer = send(api, bundle)
+    assert answer.status_code == 200, answer.text
+    a, b, a2, d, e, f = _created_ids(answer)
+    heads = _heads(api, [a, b, a2, d, e, f, p1, p2, alone.json()["id"], p3])
+    assert heads[a].case_id == heads[a2].case_id
+    assert heads[d].case_id == heads[e].case_id
+    cases = {heads[x].case_id for x in (a, b, d, f)}
+    assert len(cases) == 4 and None not in cases
+    # the subject Patient resources stand for the index patients of their cases
+    assert heads[p1].patient_pk is not None and heads[p2].patient_pk is not None
+    with api.hub.sessions() as session:
+        made = {c.id: c for c in session.scalars(select(Case).where(Case.id.in_(cases)))}
+        reference = session.get_one(Case, heads[alone.json()["id"]].case_id)
+        events = session.scalars(
+            select(CaseEvent.case_id).where(CaseEvent.note.startswith("routed by rule"))
+        ).all()
+        status_events = session.scalars(
+            select(OutboxEvent.payload).where(OutboxEvent.topic == "case.status")
+        ).all()
+    assert made[heads[a].case_id].patient_pk == heads[p1].patient_pk
+    assert made[heads[f].case_id].patient_pk == heads[p1].patient_pk
+    assert made[heads[b].case_id].patient_pk == heads[p2].patient_pk
+    assert made[heads[d].case_id].accession_number == "ACC-9"
+    for case in made.values():
+        assert case.status == "requested"
+        assert (case.specialty, case.routed_by) == (reference.specialty, reference.routed_by)
+    # each new case was routed once and announced once
+    assert sorted(events) == sorted([*cases, reference.id])
+    assert sorted(p["case_id"] for p in status_events) == sorted([*cases, reference.id])
+    # the same Bundle again: the same cases, nothing new
+    again = send(api, bundle)
+    assert again.status_code == 200, again.text
+    heads_again = _heads(api, _created_ids(again))
+    assert {h.case_id for h in heads_again.values()} == cases
+
+
+def test_documents_of_one_transaction_join_their_subjects_newest_open_case(api: Api) -> None:
+    p1, p2 = (api.post(patient(mrn=f"MRN-D{i}")).json()["id"] for i in (1, 2))
+    older = api.post(_referral(p1, "OLD")).json()["id"]
+    newer = api.post(_referral(p1, "NEW")).json()["id"]
+    heads = _heads(api, [older, newer])
+    assert heads[older].case_id != heads[newer].case_id
+    answer = send(
+        api,
+        transaction(
+            post(None, _inline_document(p1)),
+            post(None, _inline_document(p2)),
+            post(None, _inline_document(p1, b"second")),
+        ),
+    )
+    assert answer.status_code == 200, answer.text
+    d1, d2, d3 = _created_ids(answer)
+    docs = _heads(api, [d1, d2, d3])
+    assert docs[d1].case_id == docs[d3].case_id == heads[newer].case_id
+    assert docs[d2].case_id is None
+    with api.hub.sessions() as session:
+        announced = session.scalars(
+            select(OutboxEvent.payload).where(OutboxEvent.topic == "fhir.document")
+        ).all()
+    by_id = {p["id"]: p["case_id"] for p in announced}
+    assert by_id == {d1: heads[newer].case_id, d2: None, d3: heads[newer].case_id}
+    read = api.client.get(f"/fhir/DocumentReference/{d3}", headers=api.ehr).json()
+    assert base64.b64decode(read["content"][0]["attachment"]["data"]) == b"second"
+
+
+def test_patients_of_one_transaction_link_their_index_patients(api: Api) -> None:
+    # a referral naming the patient by identifier makes the index patient first
+    by_identifier = service_request("x", subject={"identifier": {"value": "MRN-I1"}})
+    assert api.post(by_identifier).status_code == 201
+    answer = send(
+        api,
+        transaction(post(None, patient(mrn="MRN-I1")), post(None, patient(mrn="MRN-I2"))),
+    )
+    assert answer.status_code == 200, answer.text
+    known, unknown = _created_ids(answer)
+    heads = _heads(api, [known, unknown])
+    assert heads[known].patient_pk is not None
+    assert heads[unknown].patient_pk is None
+
+
+def test_a_post_may_not_reference_what_the_same_transaction_deletes(api: Api) -> None:
+    pid = api.post(patient()).json()["id"]
+    bundle = transaction(
+        post(None, _referral(pid, "X")),
+        {"request": {"method": "DELETE", "url": f"Patient/{pid}"}},
+    )
+    before = _counts(api)
+    answer = send(api, bundle)
+    assert answer.status_code == 400, answer.text
+    assert "does not resolve" in answer.json()["issue"][0]["diagnostics"]
+    assert _counts(api) == before
+    assert api.client.get(f"/fhir/Patient/{pid}", headers=api.ehr).status_code == 200

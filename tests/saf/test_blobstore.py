@@ -173,6 +173,27 @@ def test_failed_put_keeps_previous_version(store: BlobStore) -> None:
     assert len(leftovers(store)) == 1
 
 
+def test_put_many_round_trip(store: BlobStore) -> None:
+    blobs = {new_blob_id(): os.urandom(n) for n in (0, 1, 1024, 100_000)}
+    written = store.put_many([(blob_id, chunks_of(data, 4096)) for blob_id, data in blobs.items()])
+    assert written == [len(data) for data in blobs.values()]
+    assert sorted(store.iter_ids()) == sorted(blobs)
+    for blob_id, data in blobs.items():
+        assert read_all(store, blob_id) == data
+    assert store.put_many([]) == []
+
+
+def test_failed_put_many_leaves_none_of_them(store: BlobStore) -> None:
+    kept = new_blob_id()
+    store.put(kept, [b"before"])
+    good = [(new_blob_id(), [os.urandom(2048)]) for _ in range(5)]
+    with pytest.raises(Boom):
+        store.put_many([*good, (new_blob_id(), failing_chunks(1000))])
+    assert list(store.iter_ids()) == [kept]
+    assert len(leftovers(store)) == 1  # the blob put before, nothing else
+    assert read_all(store, kept) == b"before"
+
+
 def test_open_missing_raises_blob_not_found(store: BlobStore) -> None:
     blob_id = new_blob_id()
     with pytest.raises(BlobNotFound) as excinfo:
