@@ -265,13 +265,16 @@ class QueryRetrieve:
 
         thread = threading.Thread(target=reader, name="saf-retrieve-read", daemon=True)
         thread.start()
+        accepted: list[PresentationContext] = []  # fixed once the association is up
         try:
             for item in items:
                 data = ready.get()
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, self._load(item, data, contexts())
+                if not accepted:
+                    accepted = contexts()
+                yield PENDING, self._load(item, data, accepted)
         finally:
             stop.set()
             thread.join()

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pynetdicom
@@ -44,6 +44,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import _config, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode as _pydicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -132,7 +133,11 @@ class _ReactorClock:
             getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
         )
         sock = getattr(transport, "socket", None)
-        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+        if (
+            not isinstance(sock, socket.socket)
+            or sock.fileno() < 0
+            or reader_lock(thread).locked()  # a DIMSE thread reads it (cstore_loop)
+        ):
             time.sleep(delay)
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -153,13 +158,15 @@ _ELEMENT = struct.Struct("<HHI")
 def encode_command_set(ds: Dataset) -> bytes | None:
     """The command set in Implicit VR Little Endian, as pydicom writes it; None when it
     holds anything this short writer does not handle (then pydicom is used)."""
+    return encode_command_elements((elem.tag, elem.VR, elem.value) for elem in ds)
+
+
+def encode_command_elements(elements: Iterable[tuple[int, str, Any]]) -> bytes | None:
+    """`encode_command_set` for (tag, VR, value) triples in tag order."""
     parts: list[bytes] = []
-    for elem in ds:
-        tag = elem.tag
+    for tag, vr, value in elements:
         if tag >> 16:
             return None
-        vr = elem.VR
-        value = elem.value
         if value is None or value == "":
             raw = b""
         elif isinstance(value, (MultiValue, list, tuple, bytes)):
@@ -238,6 +245,51 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
     return b"".join(out)
 
 
+_PENDING = 0xFF00
+_RETRIEVE_RSP_FIELD = {C_GET: 0x8010, C_MOVE: 0x8021}
+_UID_CHARS = frozenset("0123456789.")
+
+
+def pending_retrieve_response(primitive: Any) -> bytes | None:
+    """The command set of a Pending C-GET/C-MOVE response without an identifier or
+    error elements, as pynetdicom encodes it; None for any other message.
+
+    A retrieve sends one after every sub-operation; upstream builds each as a pydicom
+    command set (validating its UID) only to encode ten elements.
+    """
+    field = _RETRIEVE_RSP_FIELD.get(type(primitive))
+    if field is None or primitive.Status != _PENDING or primitive.Identifier is not None:
+        return None
+    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
+        return None
+    uid = primitive.AffectedSOPClassUID
+    msg_id = primitive.MessageIDBeingRespondedTo
+    counts = (
+        primitive.NumberOfRemainingSuboperations,
+        primitive.NumberOfCompletedSuboperations,
+        primitive.NumberOfFailedSuboperations,
+        primitive.NumberOfWarningSuboperations,
+    )
+    if not (isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_CHARS.issuperset(uid)):
+        return None
+    if not all(isinstance(v, int) and 0 <= v < 0x10000 for v in (msg_id, *counts)):
+        return None
+    body = encode_command_elements(
+        (
+            (0x0002, "UI", str(uid)),
+            (0x0100, "US", field),
+            (0x0120, "US", msg_id),
+            (0x0800, "US", 0x0101),
+            (0x0900, "US", _PENDING),
+            (0x1020, "US", counts[0]),
+            (0x1021, "US", counts[1]),
+            (0x1022, "US", counts[2]),
+            (0x1023, "US", counts[3]),
+        )
+    )
+    return None if body is None else _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
 def _fast_path(assoc: Any) -> bool:
     return not assoc.get_handlers(evt.EVT_PDU_SENT) and not assoc.get_handlers(evt.EVT_DATA_SENT)
 
@@ -246,6 +298,11 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     """DIMSEServiceProvider.send_msg, with all PDUs of the message queued as one."""
     if not _fast_path(self.assoc):
         _upstream_send_msg(self, primitive, context_id)
+        return
+    pending = pending_retrieve_response(primitive)
+    if pending is not None and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        pdus = encode_pdata_pdus(context_id, pending, b"", self.maximum_pdu_size)
+        _send_now_or_queue(self.dul, EncodedPData(pdus))
         return
     table: Any = (
         pynetdicom.dimse._RQ_TO_MESSAGE
@@ -272,13 +329,32 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
 _dul_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
-def _send_lock(dul: Any) -> threading.Lock:
+def send_lock(dul: Any) -> threading.Lock:
     """The lock that orders this association's P-DATA writes (direct and queued)."""
     with _lock:
         lock = _dul_locks.get(dul)
         if lock is None:
             lock = _dul_locks[dul] = threading.Lock()
         return lock
+
+
+_reader_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def reader_lock(dul: Any) -> threading.Lock:
+    """The lock held by whoever reads this association's socket.
+
+    The reactor takes it (without waiting) around each read; `dicom_node.cstore_loop`
+    holds it while a DIMSE thread reads its own responses. While it is held by someone
+    else, the reactor's nap is a plain sleep rather than a `select` on the socket.
+    """
+    lock = _reader_locks.get(dul)
+    if lock is None:
+        with _lock:
+            lock = _reader_locks.get(dul)
+            if lock is None:
+                lock = _reader_locks[dul] = threading.Lock()
+    return lock
 
 
 def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
@@ -291,7 +367,7 @@ def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
     PDU the reactor sends unprompted in Sta6 is an A-ABORT for a peer's invalid PDU,
     after which the association is gone either way.
     """
-    with _send_lock(dul):
+    with send_lock(dul):
         socket = dul.socket
         if (
             socket is not None
@@ -305,7 +381,7 @@ def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
 
 def _send_encoded(dul: Any, upstream: Callable[[Any], str]) -> str | None:
     """Run a DT-1/AR-7 action under the send lock; an EncodedPData is written as is."""
-    with _send_lock(dul):
+    with send_lock(dul):
         head = dul.to_provider_queue.queue[0] if dul.to_provider_queue.queue else None
         if not isinstance(head, EncodedPData):
             return upstream(dul)
@@ -329,8 +405,12 @@ def _ar_7(dul: Any) -> str:
 
 __all__ = [
     "EncodedPData",
+    "encode_command_elements",
     "encode_command_set",
     "encode_pdata_pdus",
     "install",
+    "pending_retrieve_response",
     "quiet_event_logging",
+    "reader_lock",
+    "send_lock",
 ]
