@@ -114,6 +114,10 @@ def install() -> bool:
 # ------------------------------------------------------------------ reactor nap
 
 
+LENT_NAP_S = 0.005
+"""The reactor's nap while a DIMSE thread has its socket (see `reader_lock`)."""
+
+
 class _ReactorClock:
     """Stands in for the `time` module inside pynetdicom.dul.
 
@@ -133,12 +137,13 @@ class _ReactorClock:
             getattr(thread, "socket", None) if isinstance(thread, DULServiceProvider) else None
         )
         sock = getattr(transport, "socket", None)
-        if (
-            not isinstance(sock, socket.socket)
-            or sock.fileno() < 0
-            or reader_lock(thread).locked()  # a DIMSE thread reads it (cstore_loop)
-        ):
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             time.sleep(delay)
+            return
+        if reader_lock(thread).locked():
+            # A DIMSE thread reads the socket (cstore_loop) and writes its own messages:
+            # nothing here needs a quick answer, and each wake-up competes for the GIL.
+            time.sleep(max(delay, LENT_NAP_S))
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
