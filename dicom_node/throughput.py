@@ -229,10 +229,11 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
     header 0x01/0x03 for command fragments and 0x00/0x02 for data set fragments, as
     `DIMSEMessage.encode_msg` and `P_DATA_TF.encode` do.
     """
-    out: list[bytes] = []
-    for stream, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
-        if stream is data and not data:
+    out: list[bytes | memoryview] = []
+    for whole, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
+        if whole is data and not data:
             break
+        stream = memoryview(whole)  # fragments are views: the join is the only copy
         if 0 < max_pdu < 7:
             raise ValueError("a maximum PDU length cannot be between 1 and 6")
         size = max(len(stream), 1) if max_pdu == 0 else max_pdu - 6

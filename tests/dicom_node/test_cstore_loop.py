@@ -3,7 +3,8 @@
 Real peers (dcmtk's getscu, pynetdicom as the C-GET requester) against a DicomNode:
 byte-identical retrieve, failed/warning sub-operations counted, a response the loop does
 not read itself handed back to pynetdicom, a peer aborting or vanishing mid-retrieve,
-C-CANCEL mid-retrieve; and the command sets it writes and reads are pynetdicom's."""
+C-CANCEL mid-retrieve, a TLS association; and the command sets it writes and reads
+are pynetdicom's."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node import cstore_loop
 from dicom_node.scp import DicomNode
+from dicom_node.tls import client_context
 from saf.clinics import add_clinic
 from saf.hub import Hub
 from saf.ingest import Sender, ingest_part10
+from tests.dicom_node.certs import Pki, make_pki
+from tests.dicom_node.test_tls import tls_node
 from tests.factories import dataset_sha256, make_study, sop_instance_uid
 from tests.interop.conftest import dcmtk_env
 
@@ -260,3 +264,44 @@ def test_response_status_reads_pynetdicoms_response() -> None:
     assert cstore_loop.store_response_status(encoded(0xA700, comment="full"), 5) is None
     assert cstore_loop.store_response_status(encoded(0x0000)[:-3], 5) is None  # truncated
     assert cstore_loop.store_response_status(b"", 5) is None
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_get_over_tls_goes_through_the_loop(hub: Hub, pki: Pki, tmp_path: Path) -> None:
+    """On a TLS association the loop reads the responses from the TLS socket (records
+    already decrypted and buffered included) and the instances arrive as stored."""
+    add_clinic(hub, "Clinic A", "VIEWER_A", "127.0.0.1", permissions=["get"])
+    clinic = add_clinic(hub, "Clinic A", "MODALITY_A", permissions=["store"]).id
+    study = make_study(tmp_path / "a", "ct", count=COUNT, size=64, seed=52)
+    for path in study:
+        ingest_part10(hub, path, Sender(clinic, "test:a"))
+    uid = str(dcmread(study[0], stop_before_pixels=True).StudyInstanceUID)
+    received: dict[str, str] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = _digest(event)
+        return 0x0000
+
+    before = _short()
+    with tls_node(hub, pki, mutual=False) as dicom:
+        ae = AE(ae_title="VIEWER_A")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        host, port = dicom.tls_address
+        assoc = ae.associate(
+            host, port, ae_title="SAF", tls_args=(client_context(pki.ca), host),
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )  # fmt: skip
+        assert assoc.is_established
+        responses = list(
+            assoc.send_c_get(_identifier(uid), StudyRootQueryRetrieveInformationModelGet)
+        )
+        assoc.release()
+    assert responses[-1][0].Status == 0x0000
+    assert received == {sop_instance_uid(p): dataset_sha256(p) for p in study}
+    assert _short() - before == COUNT
