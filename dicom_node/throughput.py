@@ -25,6 +25,7 @@ upstream's own; otherwise it logs why and leaves pynetdicom as it is.
 
 from __future__ import annotations
 
+import copy
 import logging
 import select
 import socket
@@ -48,6 +49,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode as _pydicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,10 @@ def install() -> bool:
         fsm.ACTIONS["DT-1"] = (desc, _dt_1, state)
         desc, _, state = fsm.ACTIONS["AR-7"]
         fsm.ACTIONS["AR-7"] = (desc, _ar_7, state)
+        if "__deepcopy__" not in vars(PresentationContext):
+            PresentationContext.__deepcopy__ = _copy_context  # type: ignore[attr-defined]
+        else:
+            log.warning("PresentationContext.__deepcopy__ exists; contexts copied its way")
         if getattr(pynetdicom.dul, "time", None) is time:
             setattr(pynetdicom.dul, "time", _ReactorClock())  # noqa: B010
         else:
@@ -151,6 +157,46 @@ class _ReactorClock:
             select.select([sock], [], [], delay)
         except (OSError, ValueError):
             time.sleep(delay)
+
+
+# ------------------------------------------------------------------ contexts
+
+_CONTEXT_FIELDS = frozenset(
+    {
+        "_context_id", "_abstract_syntax", "_transfer_syntax", "result",
+        "_scu_role", "_scp_role", "_as_scp", "_as_scu",
+    }
+)  # fmt: skip
+_IMMUTABLE = (str, int, bool, type(None))
+
+
+def _copy_context(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
+    """`copy.deepcopy` of a presentation context, sharing its (immutable) UIDs.
+
+    pynetdicom deep-copies the AE's supported contexts for every association it accepts;
+    the default deepcopy rebuilds every transfer syntax UID through pydicom's validation
+    (≈8,000 UIDs for the node's storage contexts, ≈40 ms before the peer's
+    A-ASSOCIATE-RQ is even read). A context holding anything else than the known
+    fields of immutable values (and the list of transfer syntaxes) is copied the default
+    way.
+    """
+    state = vars(self)
+    syntaxes = state.get("_transfer_syntax")
+    others = [value for key, value in state.items() if key != "_transfer_syntax"]
+    plain = (
+        state.keys() <= _CONTEXT_FIELDS
+        and isinstance(syntaxes, list)
+        and all(isinstance(uid, str) for uid in syntaxes)
+        and all(isinstance(value, _IMMUTABLE) for value in others)
+    )
+    new = PresentationContext.__new__(type(self))
+    memo[id(self)] = new
+    if plain and isinstance(syntaxes, list):
+        new.__dict__.update(state)
+        new.__dict__["_transfer_syntax"] = list(syntaxes)
+    else:
+        new.__dict__.update(copy.deepcopy(state, memo))
+    return new
 
 
 # ------------------------------------------------------------------ command set
