@@ -265,13 +265,22 @@ class QueryRetrieve:
 
         thread = threading.Thread(target=reader, name="saf-retrieve-read", daemon=True)
         thread.start()
+        accepted: list[PresentationContext] = []  # fixed once the association is up
+        by_class: dict[str, frozenset[str]] = {}  # SOP class -> syntaxes we may send it in
         try:
             for item in items:
                 data = ready.get()
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, self._load(item, data, contexts())
+                if not accepted:
+                    accepted = contexts()
+                    by_class.clear()
+                syntaxes = by_class.get(item.sop_class_uid)
+                if syntaxes is None:
+                    syntaxes = _syntaxes(accepted, item.sop_class_uid)
+                    by_class[item.sop_class_uid] = syntaxes
+                yield PENDING, self._load(item, data, syntaxes)
         finally:
             stop.set()
             thread.join()
@@ -300,10 +309,9 @@ class QueryRetrieve:
             log.exception("cannot read instance %s for retrieve", item.sop_instance_uid)
             return None
 
-    def _load(
-        self, item: StoredInstance, data: bytes | None, contexts: list[PresentationContext]
-    ) -> Dataset:
-        """The stored instance, verified, as pynetdicom should send it.
+    def _load(self, item: StoredInstance, data: bytes | None, syntaxes: frozenset[str]) -> Dataset:
+        """The stored instance, verified, as pynetdicom should send it over a context
+        with one of `syntaxes` (those the receiver accepted for its SOP class).
 
         Sent as stored (a `StoredDataset`, never parsed) when the receiver accepted a
         context with the stored syntax; re-encoded by pynetdicom between uncompressed
@@ -314,8 +322,6 @@ class QueryRetrieve:
         """
         if data is None:
             return _unsendable(item)
-        ours = [cx for cx in contexts if cx.abstract_syntax == item.sop_class_uid and cx.as_scu]
-        syntaxes = {str(cx.transfer_syntax[0]) for cx in ours}
         stored = item.transfer_syntax_uid
         if stored in syntaxes:
             as_stored = StoredDataset.from_part10(data, item)
@@ -377,6 +383,15 @@ class QueryRetrieve:
                 )  # fmt: skip
             except Exception:
                 log.exception("cannot write the dicom-retrieve audit record")
+
+
+def _syntaxes(contexts: list[PresentationContext], sop_class_uid: str) -> frozenset[str]:
+    """Transfer syntaxes of the accepted contexts on which we may send `sop_class_uid`."""
+    return frozenset(
+        str(cx.transfer_syntax[0])
+        for cx in contexts
+        if cx.abstract_syntax == sop_class_uid and cx.as_scu
+    )
 
 
 def _move_contexts(items: list[StoredInstance]) -> list[PresentationContext]:

@@ -44,9 +44,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
-from dicom_node import throughput
+from dicom_node import cstore_loop, throughput
 from dicom_node.commitment import StorageCommitment
-from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve
+from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve, StoredDataset
 from dicom_node.tcp import set_no_delay
 from dicom_node.tls import peer_cert_der, server_context
 from saf import audit
@@ -241,6 +241,7 @@ class DicomNode:
         settings = self.hub.settings
         throughput.quiet_event_logging()
         throughput.install()
+        cstore_loop.install((StoredDataset,))
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.dicom_max_pdu
         ae.maximum_associations = settings.dicom_max_associations

@@ -25,6 +25,7 @@ upstream's own; otherwise it logs why and leaves pynetdicom as it is.
 
 from __future__ import annotations
 
+import copy
 import logging
 import select
 import socket
@@ -33,7 +34,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pynetdicom
@@ -44,9 +45,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import _config, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode as _pydicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,10 @@ def install() -> bool:
         fsm.ACTIONS["DT-1"] = (desc, _dt_1, state)
         desc, _, state = fsm.ACTIONS["AR-7"]
         fsm.ACTIONS["AR-7"] = (desc, _ar_7, state)
+        if "__deepcopy__" not in vars(PresentationContext):
+            PresentationContext.__deepcopy__ = _copy_context  # type: ignore[attr-defined]
+        else:
+            log.warning("PresentationContext.__deepcopy__ exists; contexts copied its way")
         if getattr(pynetdicom.dul, "time", None) is time:
             setattr(pynetdicom.dul, "time", _ReactorClock())  # noqa: B010
         else:
@@ -111,6 +118,10 @@ def install() -> bool:
 
 
 # ------------------------------------------------------------------ reactor nap
+
+
+LENT_NAP_S = 0.005
+"""The reactor's nap while a DIMSE thread has its socket (see `reader_lock`)."""
 
 
 class _ReactorClock:
@@ -135,12 +146,57 @@ class _ReactorClock:
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             time.sleep(delay)
             return
+        if reader_lock(thread).locked():
+            # A DIMSE thread reads the socket (cstore_loop) and writes its own messages:
+            # nothing here needs a quick answer, and each wake-up competes for the GIL.
+            time.sleep(max(delay, LENT_NAP_S))
+            return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
         try:
             select.select([sock], [], [], delay)
         except (OSError, ValueError):
             time.sleep(delay)
+
+
+# ------------------------------------------------------------------ contexts
+
+_CONTEXT_FIELDS = frozenset(
+    {
+        "_context_id", "_abstract_syntax", "_transfer_syntax", "result",
+        "_scu_role", "_scp_role", "_as_scp", "_as_scu",
+    }
+)  # fmt: skip
+_IMMUTABLE = (str, int, bool, type(None))
+
+
+def _copy_context(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
+    """`copy.deepcopy` of a presentation context, sharing its (immutable) UIDs.
+
+    pynetdicom deep-copies the AE's supported contexts for every association it accepts;
+    the default deepcopy rebuilds every transfer syntax UID through pydicom's validation
+    (≈8,000 UIDs for the node's storage contexts, ≈40 ms before the peer's
+    A-ASSOCIATE-RQ is even read). A context holding anything else than the known
+    fields of immutable values (and the list of transfer syntaxes) is copied the default
+    way.
+    """
+    state = vars(self)
+    syntaxes = state.get("_transfer_syntax")
+    others = [value for key, value in state.items() if key != "_transfer_syntax"]
+    plain = (
+        state.keys() <= _CONTEXT_FIELDS
+        and isinstance(syntaxes, list)
+        and all(isinstance(uid, str) for uid in syntaxes)
+        and all(isinstance(value, _IMMUTABLE) for value in others)
+    )
+    new = PresentationContext.__new__(type(self))
+    memo[id(self)] = new
+    if plain and isinstance(syntaxes, list):
+        new.__dict__.update(state)
+        new.__dict__["_transfer_syntax"] = list(syntaxes)
+    else:
+        new.__dict__.update(copy.deepcopy(state, memo))
+    return new
 
 
 # ------------------------------------------------------------------ command set
@@ -153,13 +209,15 @@ _ELEMENT = struct.Struct("<HHI")
 def encode_command_set(ds: Dataset) -> bytes | None:
     """The command set in Implicit VR Little Endian, as pydicom writes it; None when it
     holds anything this short writer does not handle (then pydicom is used)."""
+    return encode_command_elements((elem.tag, elem.VR, elem.value) for elem in ds)
+
+
+def encode_command_elements(elements: Iterable[tuple[int, str, Any]]) -> bytes | None:
+    """`encode_command_set` for (tag, VR, value) triples in tag order."""
     parts: list[bytes] = []
-    for elem in ds:
-        tag = elem.tag
+    for tag, vr, value in elements:
         if tag >> 16:
             return None
-        vr = elem.VR
-        value = elem.value
         if value is None or value == "":
             raw = b""
         elif isinstance(value, (MultiValue, list, tuple, bytes)):
@@ -217,10 +275,11 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
     header 0x01/0x03 for command fragments and 0x00/0x02 for data set fragments, as
     `DIMSEMessage.encode_msg` and `P_DATA_TF.encode` do.
     """
-    out: list[bytes] = []
-    for stream, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
-        if stream is data and not data:
+    out: list[bytes | memoryview] = []
+    for whole, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
+        if whole is data and not data:
             break
+        stream = memoryview(whole)  # fragments are views: the join is the only copy
         if 0 < max_pdu < 7:
             raise ValueError("a maximum PDU length cannot be between 1 and 6")
         size = max(len(stream), 1) if max_pdu == 0 else max_pdu - 6
@@ -238,6 +297,51 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
     return b"".join(out)
 
 
+_PENDING = 0xFF00
+_RETRIEVE_RSP_FIELD = {C_GET: 0x8010, C_MOVE: 0x8021}
+_UID_CHARS = frozenset("0123456789.")
+
+
+def pending_retrieve_response(primitive: Any) -> bytes | None:
+    """The command set of a Pending C-GET/C-MOVE response without an identifier or
+    error elements, as pynetdicom encodes it; None for any other message.
+
+    A retrieve sends one after every sub-operation; upstream builds each as a pydicom
+    command set (validating its UID) only to encode ten elements.
+    """
+    field = _RETRIEVE_RSP_FIELD.get(type(primitive))
+    if field is None or primitive.Status != _PENDING or primitive.Identifier is not None:
+        return None
+    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
+        return None
+    uid = primitive.AffectedSOPClassUID
+    msg_id = primitive.MessageIDBeingRespondedTo
+    counts = (
+        primitive.NumberOfRemainingSuboperations,
+        primitive.NumberOfCompletedSuboperations,
+        primitive.NumberOfFailedSuboperations,
+        primitive.NumberOfWarningSuboperations,
+    )
+    if not (isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_CHARS.issuperset(uid)):
+        return None
+    if not all(isinstance(v, int) and 0 <= v < 0x10000 for v in (msg_id, *counts)):
+        return None
+    body = encode_command_elements(
+        (
+            (0x0002, "UI", str(uid)),
+            (0x0100, "US", field),
+            (0x0120, "US", msg_id),
+            (0x0800, "US", 0x0101),
+            (0x0900, "US", _PENDING),
+            (0x1020, "US", counts[0]),
+            (0x1021, "US", counts[1]),
+            (0x1022, "US", counts[2]),
+            (0x1023, "US", counts[3]),
+        )
+    )
+    return None if body is None else _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
 def _fast_path(assoc: Any) -> bool:
     return not assoc.get_handlers(evt.EVT_PDU_SENT) and not assoc.get_handlers(evt.EVT_DATA_SENT)
 
@@ -246,6 +350,11 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     """DIMSEServiceProvider.send_msg, with all PDUs of the message queued as one."""
     if not _fast_path(self.assoc):
         _upstream_send_msg(self, primitive, context_id)
+        return
+    pending = pending_retrieve_response(primitive)
+    if pending is not None and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        pdus = encode_pdata_pdus(context_id, pending, b"", self.maximum_pdu_size)
+        _send_now_or_queue(self.dul, EncodedPData(pdus))
         return
     table: Any = (
         pynetdicom.dimse._RQ_TO_MESSAGE
@@ -272,13 +381,32 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
 _dul_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
-def _send_lock(dul: Any) -> threading.Lock:
+def send_lock(dul: Any) -> threading.Lock:
     """The lock that orders this association's P-DATA writes (direct and queued)."""
     with _lock:
         lock = _dul_locks.get(dul)
         if lock is None:
             lock = _dul_locks[dul] = threading.Lock()
         return lock
+
+
+_reader_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def reader_lock(dul: Any) -> threading.Lock:
+    """The lock held by whoever reads this association's socket.
+
+    The reactor takes it (without waiting) around each read; `dicom_node.cstore_loop`
+    holds it while a DIMSE thread reads its own responses. While it is held by someone
+    else, the reactor's nap is a plain sleep rather than a `select` on the socket.
+    """
+    lock = _reader_locks.get(dul)
+    if lock is None:
+        with _lock:
+            lock = _reader_locks.get(dul)
+            if lock is None:
+                lock = _reader_locks[dul] = threading.Lock()
+    return lock
 
 
 def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
@@ -291,7 +419,7 @@ def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
     PDU the reactor sends unprompted in Sta6 is an A-ABORT for a peer's invalid PDU,
     after which the association is gone either way.
     """
-    with _send_lock(dul):
+    with send_lock(dul):
         socket = dul.socket
         if (
             socket is not None
@@ -305,7 +433,7 @@ def _send_now_or_queue(dul: Any, pdata: EncodedPData) -> None:
 
 def _send_encoded(dul: Any, upstream: Callable[[Any], str]) -> str | None:
     """Run a DT-1/AR-7 action under the send lock; an EncodedPData is written as is."""
-    with _send_lock(dul):
+    with send_lock(dul):
         head = dul.to_provider_queue.queue[0] if dul.to_provider_queue.queue else None
         if not isinstance(head, EncodedPData):
             return upstream(dul)
@@ -329,8 +457,12 @@ def _ar_7(dul: Any) -> str:
 
 __all__ = [
     "EncodedPData",
+    "encode_command_elements",
     "encode_command_set",
     "encode_pdata_pdus",
     "install",
+    "pending_retrieve_response",
     "quiet_event_logging",
+    "reader_lock",
+    "send_lock",
 ]

@@ -202,3 +202,25 @@ def test_per_pdu_hooks_keep_upstreams_one_event_per_pdu(tmp_path: Path) -> None:
     finally:
         server.shutdown()
     assert sent == [0x01, 0x04, 0x05]  # A-ASSOCIATE-RQ, the C-ECHO-RQ's P-DATA, A-RELEASE-RQ
+
+
+def test_context_deepcopy_is_the_default_copy_without_rebuilding_uids() -> None:
+    """pynetdicom deep-copies the supported contexts per association: the copy equals
+    the default one, its transfer syntax list is its own, an unusual context is copied
+    the default way."""
+    import copy
+
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
+
+    assert throughput.install()
+    context = build_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    context.context_id = 3
+    context._as_scu = True
+    copied = copy.deepcopy(context)
+    assert vars(copied) == vars(context) and type(copied) is type(context)
+    assert copied._transfer_syntax is not context._transfer_syntax
+    copied.add_transfer_syntax("1.2.3.4")
+    assert "1.2.3.4" not in context.transfer_syntax
+    context.extra = ["mutable"]  # type: ignore[attr-defined]
+    odd = copy.deepcopy(context)
+    assert odd.extra == ["mutable"] and odd.extra is not context.extra
