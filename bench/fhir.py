@@ -678,8 +678,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent readers/searchers")
     parser.add_argument("--ingest-clients", type=int, default=2, help="concurrent bundle posters")
     parser.add_argument("--bundle-size", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2,
-                        help="saf api --workers N (uvicorn worker processes)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=3,
+                        help="saf api --workers N (uvicorn processes; 3: on 2 cores a third"
+                             " covers the time each waits on PostgreSQL)")  # fmt: skip
     parser.add_argument("--client", choices=("httpx", "wrk", "both"), default="both",
                         help="load generator for read and search (wrk if installed)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=32,
