@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from fhir_api.outcome import FHIR_JSON, FhirError, FhirRoute, fhir_json, issue
 from fhir_api.resources import parse, read_body, rules_of
@@ -235,33 +236,37 @@ async def create_binary(request: Request, principal: CurrentPrincipal, hub: HubD
         content_type = request.headers["content-type"].strip()
         data = body
         resource = {"resourceType": "Binary", "contentType": content_type}
-    sealed = store_bytes(hub, data)
-    try:
-        stored = fhir_store.create(
-            hub, principal, resource, rules_of(request, hub), document=sealed
-        )
-    except fhir_store.StoreError as exc:
+
+    def store() -> Response:  # on a worker thread: sealing, fsync and the index write
+        sealed = store_bytes(hub, data)
+        try:
+            stored = fhir_store.create(
+                hub, principal, resource, rules_of(request, hub), document=sealed
+            )
+        except fhir_store.StoreError as exc:
+            audit.record_access(
+                hub,
+                "create",
+                principal,
+                "Binary",
+                None,
+                outcome=audit.MINOR_FAILURE,
+                detail=f"refused: {exc.code}",
+            )
+            raise
         audit.record_access(
             hub,
             "create",
             principal,
             "Binary",
-            None,
-            outcome=audit.MINOR_FAILURE,
-            detail=f"refused: {exc.code}",
+            stored.id,
+            owner=stored,
+            detail=f"{len(data)} bytes",
         )
-        raise
-    audit.record_access(
-        hub,
-        "create",
-        principal,
-        "Binary",
-        stored.id,
-        owner=stored,
-        detail=f"{len(data)} bytes",
-    )
-    headers = {"ETag": f'W/"{stored.version_id}"', "Location": _location(hub, request, stored)}
-    return fhir_json(_binary_json(stored, None), 201, headers)
+        headers = {"ETag": f'W/"{stored.version_id}"', "Location": _location(hub, request, stored)}
+        return fhir_json(_binary_json(stored, None), 201, headers)
+
+    return await run_in_threadpool(store)
 
 
 @router.get("/Binary/{binary_id}")

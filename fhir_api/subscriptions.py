@@ -15,6 +15,7 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from fhir_api.outcome import (
     FhirError,
@@ -139,12 +140,17 @@ async def create_subscription(
     check_format(request)
     require_scope("Subscription", "c")(principal, request, hub)
     check_content_type(request)
-    content = parse(await read_body(request, hub.settings.fhir_max_body_bytes), "Subscription")
-    with _refusals(hub, "create", principal, None):
-        resource = subscriptions.create(hub, principal, content)
-    _audit(hub, "create", principal, resource["id"], detail=f"status {resource['status']}")
-    base = _base(request, hub)
-    return fhir_json(resource, 201, _headers(resource, base, location=True))
+    body = await read_body(request, hub.settings.fhir_max_body_bytes)
+
+    def create() -> Response:  # on a worker thread: the handshake waits on the clinic
+        content = parse(body, "Subscription")
+        with _refusals(hub, "create", principal, None):
+            resource = subscriptions.create(hub, principal, content)
+        _audit(hub, "create", principal, resource["id"], detail=f"status {resource['status']}")
+        base = _base(request, hub)
+        return fhir_json(resource, 201, _headers(resource, base, location=True))
+
+    return await run_in_threadpool(create)
 
 
 @router.get("/Subscription")
@@ -225,10 +231,14 @@ async def update_subscription(
             f"the body's id {content.get('id')!r} is not the URL's {subscription_id!r}",
             expression=["Subscription.id"],
         )
-    with _refusals(hub, "update", principal, subscription_id):
-        resource = subscriptions.update_subscription(hub, principal, subscription_id, content)
-    _audit(hub, "update", principal, subscription_id, detail=f"status {resource['status']}")
-    return fhir_json(resource, headers=_headers(resource, _base(request, hub)))
+
+    def update() -> Response:  # on a worker thread: the handshake waits on the clinic
+        with _refusals(hub, "update", principal, subscription_id):
+            resource = subscriptions.update_subscription(hub, principal, subscription_id, content)
+        _audit(hub, "update", principal, subscription_id, detail=f"status {resource['status']}")
+        return fhir_json(resource, headers=_headers(resource, _base(request, hub)))
+
+    return await run_in_threadpool(update)
 
 
 @router.get("/Subscription/{subscription_id}/$status")

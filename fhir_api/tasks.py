@@ -49,6 +49,7 @@ from urllib.parse import urlencode
 import jsonpatch
 import jsonpointer
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
@@ -472,9 +473,14 @@ async def update_task(
     require_scope("Task", "u")(principal, request, hub)
     check_content_type(request)
     version = if_match(request)
-    case, current = _current(hub, principal, task_id)
-    wanted = parse(await read_body(request, hub.settings.fhir_max_body_bytes), "Task")
-    return _apply(request, hub, principal, case, current, wanted, version, "update")
+    body = await read_body(request, hub.settings.fhir_max_body_bytes)
+
+    def update() -> Response:  # on a worker thread, never on the event loop
+        case, current = _current(hub, principal, task_id)
+        wanted = parse(body, "Task")
+        return _apply(request, hub, principal, case, current, wanted, version, "update")
+
+    return await run_in_threadpool(update)
 
 
 @router.patch("/Task/{task_id}")
@@ -486,11 +492,15 @@ async def patch_task(
     require_scope("Task", "u")(principal, request, hub)
     check_content_type(request, (JSON_PATCH,))
     version = if_match(request)
-    case, current = _current(hub, principal, task_id)
     body = await read_body(request, hub.settings.fhir_max_body_bytes)
-    wanted = _patched(current, body)
-    validate(wanted, "Task")
-    return _apply(request, hub, principal, case, current, wanted, version, "patch")
+
+    def patch() -> Response:  # on a worker thread, never on the event loop
+        case, current = _current(hub, principal, task_id)
+        wanted = _patched(current, body)
+        validate(wanted, "Task")
+        return _apply(request, hub, principal, case, current, wanted, version, "patch")
+
+    return await run_in_threadpool(patch)
 
 
 def _current(

@@ -250,3 +250,55 @@ def test_capability_lists_the_topic(api: Api) -> None:
         "delete",
         "search-type",
     }
+
+
+def test_a_slow_handshake_does_not_hold_the_servers_other_requests(api: Api) -> None:
+    """The handshake waits on the clinic's endpoint on a worker thread: meanwhile the same
+    server process answers other requests (it used to wait on the event loop)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from tests.factories import served_api
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    answers: list[int] = []
+    try:
+        with served_api(api.hub) as base:
+            url = f"http://127.0.0.1:{endpoint.server_address[1]}/hook"
+            body = json.dumps(subscription(url))
+            headers = {**api.ehr_b, "Content-Type": FHIR}
+
+            def create() -> None:
+                answers.append(
+                    httpx.post(
+                        f"{base}/fhir/Subscription", content=body, headers=headers
+                    ).status_code
+                )
+
+            creating = threading.Thread(target=create)
+            creating.start()
+            time.sleep(0.4)  # the handshake is under way
+            started = time.monotonic()
+            metadata = httpx.get(f"{base}/fhir/metadata", headers={"Accept": FHIR})
+            waited = time.monotonic() - started
+            creating.join(timeout=30)
+    finally:
+        endpoint.shutdown()
+    assert metadata.status_code == 200
+    assert waited < 0.8, f"/fhir/metadata waited {waited:.2f} s behind a handshake"
+    assert answers == [201]
