@@ -192,7 +192,11 @@ def test_peer_gone_mid_retrieve_leaves_the_node_healthy(node: Node, how: str) ->
         assoc.send_c_get(_identifier(node.uid), StudyRootQueryRetrieveInformationModelGet)
     )
     assert len(seen) == 3
-    assert cstore_loop.outcomes["handed back"] - before == 1  # read by the loop, handed over
+    # Whether the loop read the A-ABORT / EOF and handed it over, or pynetdicom's reactor
+    # saw it first, depends on timing (both were seen in full-suite runs); either way
+    # the association must end, nothing may be counted as stored, and the node must
+    # serve the next association in full (below).
+    assert cstore_loop.outcomes["handed back"] - before in (0, 1)
     assert not responses or responses[-1][0].get("Status") != 0x0000
     deadline = time.monotonic() + 10
     while node.node.ae.active_associations:
