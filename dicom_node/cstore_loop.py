@@ -242,7 +242,7 @@ def _send_c_store(
         return _upstream_send_c_store(
             self, dataset, msg_id, priority, originator_aet, originator_id
         )  # fmt: skip
-    pdus = throughput.encode_pdata_pdus(
+    pdus = throughput.pdata_pdu_parts(
         cast(int, context.context_id), command, data, self.dimse.maximum_pdu_size
     )
     self._reactor_checkpoint.clear()
@@ -290,7 +290,9 @@ _HANDED_BACK = "handed back"
 _TIMED_OUT = "timed out"
 
 
-def _exchange(assoc: Association, context_id: int, msg_id: int, pdus: bytes) -> Dataset | str:
+def _exchange(
+    assoc: Association, context_id: int, msg_id: int, pdus: list[bytes | memoryview]
+) -> Dataset | str:
     """Write the request and read its response on this thread.
 
     Returns the status Dataset, or why not: _NOT_SENT (nothing was written: pynetdicom
@@ -310,7 +312,7 @@ def _exchange(assoc: Association, context_id: int, msg_id: int, pdus: bytes) -> 
             if dul.to_provider_queue.queue or dul.state_machine.current_state != "Sta6":
                 return _NOT_SENT
             try:
-                sock.sendall(pdus)
+                throughput.send_parts(sock, pdus)
             except Exception:
                 dul.event_queue.put("Evt17")  # as AssociationSocket.send does
                 return _HANDED_BACK

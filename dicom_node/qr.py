@@ -35,7 +35,8 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 import pynetdicom.association
-from pydicom import dcmread
+from pydicom import config, dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -437,27 +438,36 @@ class StoredDataset(Dataset):
                 item.transfer_syntax_uid,
             )
             return None
+        # The UIDs come from the index (checked at ingest) and agree with the File Meta:
+        # pydicom's per-value validation would cost more than the rest of the send.
         ds = cls()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
-        ds.SOPClassUID = UID(item.sop_class_uid)
-        ds.SOPInstanceUID = UID(item.sop_instance_uid)
+        ds.file_meta.add(_uid_element(0x00020010, syntax))
+        ds.add(_uid_element(0x00080016, item.sop_class_uid))
+        ds.add(_uid_element(0x00080018, item.sop_instance_uid))
         ds.part10 = data
         ds.offset = offset
         return ds
 
-    def encoded(self, is_implicit_vr: bool, is_little_endian: bool, deflated: bool) -> bytes | None:
-        """The data set as pynetdicom's `encode` would return it for that encoding."""
-        syntax = UID(self.file_meta.TransferSyntaxUID)
+    def encoded(
+        self, is_implicit_vr: bool, is_little_endian: bool, deflated: bool
+    ) -> bytes | memoryview | None:
+        """The data set as pynetdicom's `encode` would return it for that encoding (the
+        stored bytes as a view, not a copy, when it is the stored encoding)."""
+        syntax: UID = self.file_meta.TransferSyntaxUID
         if (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated) == (
             is_implicit_vr,
             is_little_endian,
             deflated,
         ):
-            return self.part10[self.offset :]
+            return memoryview(self.part10)[self.offset :]
         log.info("instance %s re-encoded by pynetdicom", self.SOPInstanceUID)
         full = dcmread(BytesIO(self.part10))
         return _pynetdicom_encode(full, is_implicit_vr, is_little_endian, deflated)
+
+
+def _uid_element(tag: int, value: str) -> DataElement:
+    return DataElement(tag, "UI", value, validation_mode=config.IGNORE)
 
 
 def _not_group_0002(tag: Any, vr: str | None, length: int) -> bool:
@@ -512,7 +522,7 @@ _pynetdicom_encode: Callable[[Dataset, bool, bool, bool], bytes | None] = dsutil
 
 def _encode(
     ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
-) -> bytes | None:
+) -> bytes | memoryview | None:
     """pynetdicom's data set encoder, except that a StoredDataset gives its stored bytes.
 
     pynetdicom's C-GET/C-MOVE machinery only takes Dataset objects and encodes them
@@ -525,7 +535,7 @@ def _encode(
 
 
 # send_c_store calls the `encode` its module imported; only StoredDataset behaves differently.
-pynetdicom.association.encode = _encode  # type: ignore[attr-defined]
+pynetdicom.association.encode = _encode  # type: ignore[attr-defined,assignment]
 
 
 def _unsendable(item: StoredInstance) -> Dataset:

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
-from dicom_node import cstore_loop, throughput
+from dicom_node import association_setup, cstore_loop, throughput
 from dicom_node.commitment import StorageCommitment
 from dicom_node.qr import QUERY_RETRIEVE_CONTEXTS, QueryRetrieve, StoredDataset
 from dicom_node.tcp import set_no_delay
@@ -241,6 +241,7 @@ class DicomNode:
         settings = self.hub.settings
         throughput.quiet_event_logging()
         throughput.install()
+        association_setup.install()
         cstore_loop.install((StoredDataset,))
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.dicom_max_pdu

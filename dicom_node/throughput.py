@@ -264,24 +264,36 @@ class EncodedPData(P_DATA):
         self.encoded = encoded
 
 
-_PDU_HEADER = struct.Struct(">BBI")
-_PDV_HEADER = struct.Struct(">IBB")
+_HEADERS = struct.Struct(">BBIIBB")
+"""A P-DATA-TF PDU header (type, reserved, length) and its one PDV's header (length,
+presentation context ID, message control header)."""
 
 
-def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int) -> bytes:
-    """The P-DATA-TF PDUs pynetdicom would send for this message, concatenated.
+def encode_pdata_pdus(
+    context_id: int, command: bytes, data: bytes | memoryview, max_pdu: int
+) -> bytes:
+    """The P-DATA-TF PDUs pynetdicom would send for this message, concatenated."""
+    return b"".join(pdata_pdu_parts(context_id, command, data, max_pdu))
+
+
+def pdata_pdu_parts(
+    context_id: int, command: bytes, data: bytes | memoryview, max_pdu: int
+) -> list[bytes | memoryview]:
+    """The P-DATA-TF PDUs pynetdicom would send for this message, as a list of buffers
+    to write in order: per PDU its 12 header bytes, then a view of its fragment (the
+    data set is not copied).
 
     One PDV per PDU, fragments of at most ``max_pdu - 6`` bytes (0: unlimited), control
     header 0x01/0x03 for command fragments and 0x00/0x02 for data set fragments, as
     `DIMSEMessage.encode_msg` and `P_DATA_TF.encode` do.
     """
+    if 0 < max_pdu < 7:
+        raise ValueError("a maximum PDU length cannot be between 1 and 6")
     out: list[bytes | memoryview] = []
     for whole, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
-        if whole is data and not data:
+        stream = memoryview(whole).cast("B")
+        if whole is data and not len(stream):
             break
-        stream = memoryview(whole)  # fragments are views: the join is the only copy
-        if 0 < max_pdu < 7:
-            raise ValueError("a maximum PDU length cannot be between 1 and 6")
         size = max(len(stream), 1) if max_pdu == 0 else max_pdu - 6
         start = 0
         while True:
@@ -289,12 +301,36 @@ def encode_pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu: int
             start += size
             final = start >= len(stream)
             pdv_length = len(fragment) + 2
-            out.append(_PDU_HEADER.pack(0x04, 0x00, pdv_length + 4))
-            out.append(_PDV_HEADER.pack(pdv_length, context_id, last if final else more))
+            out.append(_HEADERS.pack(0x04, 0x00, pdv_length + 4, pdv_length, context_id,
+                                     last if final else more))  # fmt: skip
             out.append(fragment)
             if final:
                 break
-    return b"".join(out)
+    return out
+
+
+_IOV_MAX = 512
+"""Buffers per `sendmsg` call (Linux allows 1,024)."""
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Write `parts` in order, all of them (`sendall` of their concatenation, without
+    making it): `sendmsg` on a plain socket, one joined `sendall` on a TLS one."""
+    if isinstance(sock, ssl.SSLSocket) or not hasattr(sock, "sendmsg"):
+        sock.sendall(b"".join(parts))
+        return
+    pending = list(parts)
+    at = 0
+    while at < len(pending):
+        batch = pending[at : at + _IOV_MAX]
+        sent = sock.sendmsg(batch)
+        for part in batch:
+            size = len(part)
+            if sent < size:  # a partial write: the rest of this part goes next
+                pending[at] = memoryview(part)[sent:]
+                break
+            sent -= size
+            at += 1
 
 
 _PENDING = 0xFF00
@@ -461,8 +497,10 @@ __all__ = [
     "encode_command_set",
     "encode_pdata_pdus",
     "install",
+    "pdata_pdu_parts",
     "pending_retrieve_response",
     "quiet_event_logging",
     "reader_lock",
     "send_lock",
+    "send_parts",
 ]

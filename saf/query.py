@@ -27,6 +27,7 @@ with a newer version at the same clinic are left out of matches and counts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -342,8 +343,12 @@ def _sql_clause(column: Any, matcher: Matcher, kind: str) -> ColumnElement[bool]
     return and_(*clauses)
 
 
+@functools.lru_cache(maxsize=1024)
 def _base(principal: Principal, level: Level) -> Select[Any]:
-    """Tenancy-scoped rows of `level` joined to their parents."""
+    """Tenancy-scoped rows of `level` joined to their parents, built once per caller and
+    level: building it (aliased tables, correlated subqueries) costs several times what
+    running it does for a C-GET or a QIDO by UID. Statements are immutable; a changed role
+    or clinic is another Principal."""
     if level == "PATIENT":
         return visible_patients(principal)
     if level == "STUDY":

@@ -363,8 +363,12 @@ def test_stored_dataset_is_the_stored_bytes_after_the_file_meta(world: World) ->
     )  # fmt: skip
     stored = StoredDataset.from_part10(data, item)
     assert stored is not None
-    raw = stored.encoded(False, True, False)
-    assert raw is not None and data.endswith(raw) and raw.startswith(b"\x08\x00")
+    view = stored.encoded(False, True, False)
+    assert isinstance(view, memoryview)  # the stored bytes, not a copy
+    raw = bytes(view)
+    assert data.endswith(raw) and raw.startswith(b"\x08\x00")
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID and stored.SOPClassUID == ds.SOPClassUID
+    assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     # Another encoding is a real re-encoding of the parsed object.
     implicit = stored.encoded(True, True, False)
     assert implicit is not None and implicit != raw

@@ -124,6 +124,55 @@ def test_pdata_pdus_are_upstreams_bytes(max_pdu: int, size: int) -> None:
     command = pydicom_encode(msg.command_set, True, True)
     assert command is not None
     assert throughput.encode_pdata_pdus(5, command, data[:size], max_pdu) == upstream
+    parts = throughput.pdata_pdu_parts(5, command, memoryview(data)[:size], max_pdu)
+    assert b"".join(parts) == upstream
+
+
+def test_send_parts_writes_everything_in_order_through_partial_writes() -> None:
+    """A 2 MB message in 16 KiB PDUs to a reader that drains slowly through a small
+    socket buffer: sendmsg writes part of a buffer many times; the bytes arrive whole.
+    (TLS sockets have no sendmsg: there the parts are joined, see test_cstore_loop's TLS
+    retrieve.)"""
+    import socket
+    import threading
+    import time
+
+    data = bytes(range(256)) * 8192
+    parts = throughput.pdata_pdu_parts(1, b"\x00" * 10, memoryview(data), 16384)
+    expected = b"".join(parts)
+
+    class Counting(socket.socket):
+        calls = 0
+
+        def sendmsg(self, *args: Any) -> int:
+            Counting.calls += 1
+            return super().sendmsg(*args)
+
+    first, b = socket.socketpair()
+    a = Counting(first.family, first.type, first.proto, first.detach())
+    a.settimeout(30)  # as pynetdicom's sockets: a write may then be partial
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(expected):
+            chunk = b.recv(3000)
+            if not chunk:
+                return
+            received.extend(chunk)
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        throughput.send_parts(a, parts)
+        reader.join(timeout=30)
+    finally:
+        a.close()
+        b.close()
+    assert bytes(received) == expected
+    assert Counting.calls > 10  # the writes were partial
 
 
 @pytest.fixture
