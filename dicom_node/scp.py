@@ -250,6 +250,7 @@ class DicomNode:
         ae.acse_timeout = 30
         ae.dimse_timeout = settings.dicom_network_timeout
         ae.require_called_aet = settings.dicom_require_called_aet
+        throughput.pace_pending(ae, settings.dicom_pending_interval)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None

@@ -383,7 +383,14 @@ def _fast_path(assoc: Any) -> bool:
 
 
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    """DIMSEServiceProvider.send_msg, with all PDUs of the message queued as one."""
+    """DIMSEServiceProvider.send_msg, with all PDUs of the message queued as one, and
+    Pending C-GET/C-MOVE responses paced (`pace_pending`)."""
+    if (
+        type(primitive) in _RETRIEVE_RSP_FIELD
+        and primitive.Status == _PENDING
+        and not _pending_due(self.assoc)
+    ):
+        return
     if not _fast_path(self.assoc):
         _upstream_send_msg(self, primitive, context_id)
         return
@@ -412,6 +419,35 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     _send_now_or_queue(
         self.dul, EncodedPData(encode_pdata_pdus(context_id, command, data, self.maximum_pdu_size))
     )
+
+
+_pending_intervals: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+_last_pending: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def pace_pending(ae: Any, seconds: float) -> None:
+    """Send the associations of `ae` a Pending C-GET/C-MOVE response at most every
+    `seconds` (0: after every sub-operation, as pynetdicom does).
+
+    Pending responses are optional (PS3.4 C.4.2.3, C.4.3.3); one per instance is a DIMSE
+    message each way per instance that only reports progress (dcm4chee sends none for
+    C-GET by default). Counts stay right: the final response carries them all, and a
+    C-CANCEL is answered as before. The clock of an association starts at its first
+    sub-operation, so a retrieve shorter than `seconds` gets no Pending response.
+    """
+    _pending_intervals[ae] = seconds
+
+
+def _pending_due(assoc: Any) -> bool:
+    interval = _pending_intervals.get(getattr(assoc, "ae", None), 0.0)
+    if interval <= 0:
+        return True
+    now = time.monotonic()
+    last = _last_pending.get(assoc)
+    if last is not None and now - last < interval:
+        return False
+    _last_pending[assoc] = now
+    return last is not None
 
 
 _dul_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
@@ -497,6 +533,7 @@ __all__ = [
     "encode_command_set",
     "encode_pdata_pdus",
     "install",
+    "pace_pending",
     "pdata_pdu_parts",
     "pending_retrieve_response",
     "quiet_event_logging",

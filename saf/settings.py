@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     dicom_network_timeout: float = Field(default=60.0, gt=0)
     """Seconds without traffic before an association is aborted."""
 
+    dicom_pending_interval: float = Field(default=1.0, ge=0)
+    """Seconds between Pending responses to a C-GET or C-MOVE: progress for the requester
+    without one extra message per instance (PS3.4 C.4.2.3, C.4.3.3: they are optional).
+    0 sends one after every sub-operation."""
+
     dicom_plain: bool = True
     """Serve unencrypted DICOM on SAF_DICOM_PORT; false with TLS set up means TLS only."""
 

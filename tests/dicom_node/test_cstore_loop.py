@@ -53,7 +53,11 @@ class Node:
 
 
 @pytest.fixture
-def node(hub: Hub, tmp_path: Path) -> Iterator[Node]:
+def node(hub: Hub, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """The node, sending a Pending response after every sub-operation unless the test is
+    marked ``paced`` (then the default interval)."""
+    if request.node.get_closest_marker("paced") is None:
+        hub.settings.dicom_pending_interval = 0
     clinic = add_clinic(hub, "Clinic A", "VIEWER_A", "127.0.0.1", permissions=["get"]).id
     study = make_study(tmp_path / "a", "ct", count=COUNT, size=64, seed=51)
     for path in study:
@@ -229,6 +233,37 @@ def test_c_cancel_mid_retrieve(node: Node) -> None:
     assert done + final.NumberOfRemainingSuboperations == COUNT
     again, received = _retrieve(node.port, node.uid)  # the node still serves
     assert again.Status == 0x0000 and len(received) == COUNT
+
+
+@pytest.mark.paced
+def test_pending_responses_are_paced_and_the_final_counts_all(node: Node) -> None:
+    """With the default interval (1 s) a quick retrieve gets no Pending response, only the
+    final one; a slow one gets one per interval with the running counts."""
+    assert node.node.hub.settings.dicom_pending_interval == 1.0
+    assoc = _associate(node.port, lambda event: 0x0000)
+    responses = list(
+        assoc.send_c_get(_identifier(node.uid), StudyRootQueryRetrieveInformationModelGet)
+    )
+    assoc.release()
+    assert [status.Status for status, _ in responses] == [0x0000]
+    assert responses[0][0].NumberOfCompletedSuboperations == COUNT
+
+    def slow(event: evt.Event) -> int:
+        time.sleep(0.25)
+        return 0x0000
+
+    assoc = _associate(node.port, slow)
+    responses = list(
+        assoc.send_c_get(_identifier(node.uid), StudyRootQueryRetrieveInformationModelGet)
+    )
+    assoc.release()
+    pending = [status for status, _ in responses[:-1]]
+    assert all(status.Status == 0xFF00 for status in pending)
+    assert 1 <= len(pending) <= 3  # 12 x 0.25 s: about one per second after the first
+    remaining = [status.NumberOfRemainingSuboperations for status in pending]
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] < COUNT - 1
+    assert responses[-1][0].Status == 0x0000
+    assert responses[-1][0].NumberOfCompletedSuboperations == COUNT
 
 
 def test_request_command_is_pynetdicoms() -> None:
