@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -551,7 +552,10 @@ def _counts(
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _current_instances() -> Select[Any]:
+    """Instances that are the newest version of their SOP instance (built once: the
+    aliased subquery costs more to build than a count query costs to run)."""
     return (
         select(Instance.sop_instance_uid)
         .join(Series, Series.id == Instance.series_pk)
@@ -654,7 +658,9 @@ def _answer(
         if elem.VR == "SQ":
             ds.add(DataElement(elem.tag, "SQ", []))
         else:
-            ds.add(DataElement(elem.tag, elem.VR, value if value is not None else None))
+            # Values come from the index, read from stored instances: validating each one
+            # again per answer would cost more than the query.
+            ds.add(DataElement(elem.tag, elem.VR, value, validation_mode=config.IGNORE))
     return ds
 
 
