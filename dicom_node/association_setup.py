@@ -14,8 +14,7 @@ value comes back as the same (immutable) `UID` object the first call made, when 
 call raised nothing and the value was conformant. Anything else (a new value, an empty
 or non-conformant one, bytes that are not ASCII, a replaced UI validator or conformance
 setting) goes through pynetdicom's own `set_uid`, which logs, warns and raises exactly as
-before. The table holds at most `MAX_KNOWN` values (per-instance UIDs of C-STORE
-requests pass through too) and is emptied when full.
+before. The table holds at most `MAX_KNOWN` values and is emptied when full.
 
 Like `throughput`, this applies only to the pynetdicom series it was written against
 and only where the function it replaces is still upstream's own.
@@ -30,7 +29,6 @@ from types import ModuleType
 
 import pynetdicom
 import pynetdicom.ae
-import pynetdicom.dimse_primitives
 import pynetdicom.pdu
 import pynetdicom.pdu_items
 import pynetdicom.pdu_primitives
@@ -52,13 +50,14 @@ _upstream_add_transfer_syntax: Callable[..., None] = PresentationContext.add_tra
 _MODULES: tuple[ModuleType, ...] = (
     pynetdicom.utils,
     pynetdicom.ae,
-    pynetdicom.dimse_primitives,
     pynetdicom.pdu,
     pynetdicom.pdu_items,
     pynetdicom.pdu_primitives,
     pynetdicom.presentation,
 )
-"""The modules that call `set_uid` by the name they imported."""
+"""The modules of association set-up that call `set_uid` by the name they imported (not
+`dimse_primitives`: each DIMSE message carries a new SOP Instance UID, which would only
+churn the table)."""
 
 _lock = threading.Lock()
 _installed = False

@@ -28,8 +28,13 @@ PING_AFTER_IDLE_SECONDS: Final = 2.0
 (a server restart or an idle timeout may have closed it); a busier one is not."""
 
 OPTIMIZE_EVERY_SECONDS: Final = 600.0
-"""How often (per process) a SQLite connection returning to the pool runs
-``PRAGMA optimize``, so the query planner has statistics."""
+"""How often (per process) a SQLite connection returning to the pool refreshes the query
+planner's statistics (the first time: at the first checkin of the process)."""
+ANALYSIS_LIMIT: Final = 400
+"""Rows sampled per index by SQLite's ANALYZE (``PRAGMA analysis_limit``): a few
+milliseconds on a large index instead of a full scan."""
+_RETRY_ANALYZE_SECONDS: Final = 10.0
+_BUSY_TIMEOUT_MS: Final = 30_000
 
 
 def make_engine(url: str, *, ping_after_idle: float = PING_AFTER_IDLE_SECONDS) -> Engine:
@@ -77,22 +82,38 @@ def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
 
 
 class _SqliteOptimizer:
-    """A ``checkin`` listener running ``PRAGMA optimize`` at most every
-    `OPTIMIZE_EVERY_SECONDS` (SQLite's advice for long-lived connections)."""
+    """A ``checkin`` listener that refreshes SQLite's query-planner statistics with a
+    sampled ``ANALYZE`` when the process starts and then every `OPTIMIZE_EVERY_SECONDS`.
+
+    Without statistics SQLite guesses, and guesses wrong on our indexes: a QIDO by
+    PatientID walked every study of the clinic in date order (4.7 ms over 10,000 studies)
+    instead of the five of that patient (0.2 ms). ``PRAGMA optimize`` alone is not
+    enough: before SQLite 3.46 it never analyzes a table that was never analyzed. The
+    statement does not wait for a busy database (another process writing): it skips a
+    turn and tries again shortly.
+    """
 
     def __init__(self) -> None:
-        self.last = time.monotonic()
+        self.next_at = time.monotonic()
         self.lock = threading.Lock()
 
     def __call__(self, dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
         with self.lock:
-            if time.monotonic() - self.last < OPTIMIZE_EVERY_SECONDS:
+            now = time.monotonic()
+            if now < self.next_at:
                 return
-            self.last = time.monotonic()
+            self.next_at = now + OPTIMIZE_EVERY_SECONDS
         try:
-            dbapi_conn.execute("PRAGMA optimize")
+            dbapi_conn.execute("PRAGMA busy_timeout=0")
+            try:
+                dbapi_conn.execute("ANALYZE")
+                dbapi_conn.commit()
+            finally:
+                dbapi_conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         except Exception:  # statistics are an optimisation: a busy database skips a turn
-            log.warning("PRAGMA optimize failed", exc_info=True)
+            log.info("ANALYZE skipped (database busy); retrying soon", exc_info=True)
+            with self.lock:
+                self.next_at = time.monotonic() + _RETRY_ANALYZE_SECONDS
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -101,7 +122,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # FULL: a commit is on disk before we acknowledge, even across a power cut.
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    cur.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
     cur.close()
 
 
