@@ -247,11 +247,22 @@ def _boundary() -> str:
 
 
 def _multipart_response(
-    parts: Iterator[bytes], boundary: str, part_type: str, *, status_code: int = 200
+    parts: Iterator[bytes],
+    boundary: str,
+    part_type: str,
+    *,
+    status_code: int = 200,
+    length: int | None = None,
 ) -> StreamingResponse:
+    """A streamed multipart/related body; with its `length` known up front it is sent
+    with a Content-Length (clients can show progress, and the server writes each part as
+    it is instead of copying it into a chunk)."""
+    headers = {"Cache-Control": CACHE_CONTROL}
+    if length is not None:
+        headers["Content-Length"] = str(length)
     return StreamingResponse(
         parts,
         status_code=status_code,
         media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
-        headers={"Cache-Control": CACHE_CONTROL},
+        headers=headers,
     )

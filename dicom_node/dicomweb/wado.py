@@ -51,11 +51,7 @@ def _stream_instances(hub: Hub, found: list[_Stored], boundary: str) -> Iterator
     """
 
     def head(stored: _Stored) -> bytes:
-        return (
-            f"--{boundary}\r\nContent-Type: application/dicom; "
-            f"transfer-syntax={stored.instance.transfer_syntax_uid}\r\n"
-            f"Content-Length: {stored.blob.size}\r\n\r\n"
-        ).encode()
+        return _part_head(boundary, stored)
 
     def part(stored: _Stored) -> bytes:
         return b"".join([head(stored), *vault.read(hub, stored.blob), b"\r\n"])
@@ -76,7 +72,25 @@ def _stream_instances(hub: Hub, found: list[_Stored], boundary: str) -> Iterator
                 else None
             )
             yield current.result()
-    yield f"--{boundary}--\r\n".encode()
+    yield _closing(boundary)
+
+
+def _part_head(boundary: str, stored: _Stored) -> bytes:
+    return (
+        f"--{boundary}\r\nContent-Type: application/dicom; "
+        f"transfer-syntax={stored.instance.transfer_syntax_uid}\r\n"
+        f"Content-Length: {stored.blob.size}\r\n\r\n"
+    ).encode()
+
+
+def _closing(boundary: str) -> bytes:
+    return f"--{boundary}--\r\n".encode()
+
+
+def _body_length(found: list[_Stored], boundary: str) -> int:
+    """The length of `_stream_instances`' body: each part's header, object and CRLF."""
+    parts = sum(len(_part_head(boundary, s)) + s.blob.size + 2 for s in found)
+    return parts + len(_closing(boundary))
 
 
 def _retrieve(request: Request, hub: Hub, caller: Principal, found: list[_Stored]) -> Response:
@@ -92,7 +106,10 @@ def _retrieve(request: Request, hub: Hub, caller: Principal, found: list[_Stored
             )
     boundary = _boundary()
     return _multipart_response(
-        _stream_instances(hub, found, boundary), boundary, "application/dicom"
+        _stream_instances(hub, found, boundary),
+        boundary,
+        "application/dicom",
+        length=_body_length(found, boundary),
     )
 
 

@@ -370,6 +370,10 @@ def test_retrieve_returns_the_stored_bytes(site: Site) -> None:
     assert body == site.ct[0].read_bytes()
     assert "transfer-syntax=" in content_type
     assert sorted(b for _, b in parts(whole)) == sorted(p.read_bytes() for p in site.ct)
+    # The length of the whole body is known before it is sent.
+    for response in (instance, whole):
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert "transfer-encoding" not in response.headers
 
 
 def test_retrieve_in_another_transfer_syntax_is_not_acceptable(site: Site) -> None:
