@@ -11,10 +11,12 @@ small C-GET's data.
 
 `install()` puts `set_uid` behind a table of the values already known to be good: a
 value comes back as the same (immutable) `UID` object the first call made, when that
-call raised nothing and the value was conformant. Anything else (a new value, an empty
-or non-conformant one, bytes that are not ASCII, a replaced UI validator or conformance
-setting) goes through pynetdicom's own `set_uid`, which logs, warns and raises exactly as
-before. The table holds at most `MAX_KNOWN` values and is emptied when full.
+call raised nothing and the value was conformant (so it passes with or without
+`ENFORCE_UID_CONFORMANCE`). Anything else (a new value, an empty or non-conformant one,
+bytes that are not ASCII, a UI validator replaced in `_config.VALIDATORS`) goes through
+pynetdicom's own `set_uid`, which logs, warns and raises exactly as before. The table
+holds at most `MAX_KNOWN` values and is emptied when full. `add_transfer_syntax` is
+answered the same way for syntaxes pydicom knows.
 
 Like `throughput`, this applies only to the pynetdicom series it was written against
 and only where the function it replaces is still upstream's own.
@@ -135,10 +137,11 @@ def add_transfer_syntax(self: PresentationContext, syntax: str | bytes | UID | N
 
 
 def _plain(value: object) -> bool:
-    """A non-empty str, bytes or UID with nothing attached (no private encoding)."""
+    """A non-empty str, ASCII bytes or UID with nothing attached (no private encoding)."""
     return (
         bool(value)
         and type(value) in (str, bytes, UID)
+        and not (isinstance(value, bytes) and not value.isascii())
         and not hasattr(value, "_PRIVATE_TS_ENCODING")
     )
 

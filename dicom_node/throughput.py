@@ -439,7 +439,8 @@ def pace_pending(ae: Any, seconds: float) -> None:
 
 
 def _pending_due(assoc: Any) -> bool:
-    interval = _pending_intervals.get(getattr(assoc, "ae", None), 0.0)
+    ae = getattr(assoc, "ae", None)
+    interval = _pending_intervals.get(ae, 0.0) if ae is not None else 0.0
     if interval <= 0:
         return True
     now = time.monotonic()

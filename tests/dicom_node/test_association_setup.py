@@ -50,6 +50,9 @@ def test_odd_values_go_through_upstream_every_time(caplog: pytest.LogCaptureFixt
         with pytest.raises(TypeError):
             pynetdicom.utils.set_uid(12, "uid")  # type: ignore[arg-type]
     assert pynetdicom.utils.set_uid(None, "uid") is None
+    for _ in range(2):  # bytes that are not ASCII: upstream's decoding refuses them each time
+        with pytest.raises(ValueError, match="Unable to decode"):
+            pynetdicom.utils.set_uid(b"1.2.3\xe9", "uid")
 
 
 def test_a_value_known_to_be_good_is_checked_again_under_a_replaced_validator(
