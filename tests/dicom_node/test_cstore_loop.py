@@ -259,7 +259,7 @@ def test_pending_responses_are_paced_and_the_final_counts_all(node: Node) -> Non
     assoc.release()
     pending = [status for status, _ in responses[:-1]]
     assert all(status.Status == 0xFF00 for status in pending)
-    assert 1 <= len(pending) <= 3  # 12 x 0.25 s: about one per second after the first
+    assert 1 <= len(pending) <= 4  # 12 x 0.25 s (longer on a loaded machine): one per second
     remaining = [status.NumberOfRemainingSuboperations for status in pending]
     assert remaining == sorted(remaining, reverse=True) and remaining[0] < COUNT - 1
     assert responses[-1][0].Status == 0x0000
