@@ -40,9 +40,10 @@ from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext
 
+from dicom_node.throughput import PYNETDICOM_SERIES
+
 log = logging.getLogger(__name__)
 
-PYNETDICOM_SERIES = "3.0."
 MAX_KNOWN = 4096
 """Values remembered (the association set-up of the node's peers needs a few hundred)."""
 
