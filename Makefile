@@ -24,8 +24,12 @@ run: $(STAMP_RUN)
 	$(BIN)/saf up --demo
 
 ## Run the whole test suite (slow tests included), then lint and type checks.
+## The tests run in TEST_WORKERS pytest-xdist processes: many of them wait on child
+## processes and sockets, so three keep two cores busy (`make test TEST_WORKERS=0`
+## runs them in one process).
+TEST_WORKERS ?= 3
 test: $(STAMP_DEV)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 	$(MAKE) --no-print-directory check
 
 check: lint typecheck

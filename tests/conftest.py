@@ -22,6 +22,12 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 in their environment. rich
+# reads them once, when saf.cli makes its consoles, so the CLI tests' own COLUMNS (given
+# to CliRunner) would not apply and wide tables would be cut.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 
 def _postgres_unavailable() -> str | None:
     try:

@@ -23,7 +23,11 @@ from saf.stability import mark_stable_studies
 from tests.conftest import IN_CI
 from tests.factories import make_clinic, make_study
 
-REDIS_URL = os.environ.get("SAF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get(
+    "SAF_TEST_REDIS_URL",
+    # One database per pytest-xdist worker (gw0 = 14, gw1 = 13, ...): each flushes its own.
+    f"redis://127.0.0.1:6379/{14 - int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:])}",
+)
 """A Redis database the tests may flush."""
 
 
