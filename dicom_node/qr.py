@@ -184,9 +184,11 @@ class QueryRetrieve:
         if error is not None:
             raise error  # pynetdicom answers 0xC513 "unable to process"
         yield len(items)
-        self._audit_retrieve(access, items, f"move to {destination}")
         yield from self._send_all(
-            event, items, lambda: accepted[0].accepted_contexts if accepted else []
+            event,
+            items,
+            lambda: accepted[0].accepted_contexts if accepted else [],
+            lambda: self._audit_retrieve(access, items, f"move to {destination}"),
         )
 
     def _destination(self, access: PeerAccess, ae_title: str) -> tuple[str, int] | None:
@@ -221,8 +223,12 @@ class QueryRetrieve:
             yield _status(error.status, error.message), None
             return
         yield len(items)
-        self._audit_retrieve(access, items, "get")
-        yield from self._send_all(event, items, lambda: event.assoc.accepted_contexts)
+        yield from self._send_all(
+            event,
+            items,
+            lambda: event.assoc.accepted_contexts,
+            lambda: self._audit_retrieve(access, items, "get"),
+        )
 
     # ------------------------------------------------------------------ shared
 
@@ -240,13 +246,16 @@ class QueryRetrieve:
         event: evt.Event,
         items: list[StoredInstance],
         contexts: Callable[[], list[PresentationContext]],
+        audit_retrieve: Callable[[], None],
     ) -> Iterator[tuple[int, Dataset | None]]:
         """(0xFF00, dataset) per instance, read ahead by a reader thread.
 
         The blob reads and decryption (which release the GIL for most of their time)
         run in one reader thread up to READ_AHEAD instances ahead of the one on the
         wire, so they overlap the network and the peer's C-STORE responses; at most
-        READ_AHEAD + 2 instances are held in memory.
+        READ_AHEAD + 2 instances are held in memory. `audit_retrieve` writes the audit
+        record once the reader has started and before the first instance is yielded:
+        nothing leaves the hub unaudited, and the first reads overlap its commit.
         """
         headers = self._blob_headers(items)
         ready: queue.Queue[bytes | None] = queue.Queue(maxsize=READ_AHEAD)
@@ -269,6 +278,7 @@ class QueryRetrieve:
         accepted: list[PresentationContext] = []  # fixed once the association is up
         by_class: dict[str, frozenset[str]] = {}  # SOP class -> syntaxes we may send it in
         try:
+            audit_retrieve()
             for item in items:
                 data = ready.get()
                 if event.is_cancelled:
