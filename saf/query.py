@@ -734,20 +734,18 @@ def retrieve_instances(
             IDENTIFIER_MISMATCH, f"a {query.level} retrieve needs {UNIQUE_KEYS[query.level]}"
         )
     image = _Query("IMAGE", query.matchers, [])
-    stmt = _statement(principal, image)
+    # Only the columns a sender needs: loading 200 rows of four ORM entities cost several
+    # times what running the statement does.
+    stmt = _statement(principal, image).with_only_columns(
+        Instance.id.label("instance_id"),
+        Instance.sop_class_uid,
+        Instance.sop_instance_uid,
+        Instance.transfer_syntax_uid,
+        Instance.blob_id,
+        Study.id.label("study_pk"),
+        Study.study_instance_uid,
+        Patient.id.label("patient_pk"),
+        Study.clinic_id,
+    )
     with hub.sessions() as session:
-        return [
-            StoredInstance(
-                instance_id=row.instance.id,
-                sop_class_uid=row.instance.sop_class_uid,
-                sop_instance_uid=row.instance.sop_instance_uid,
-                transfer_syntax_uid=row.instance.transfer_syntax_uid,
-                blob_id=row.instance.blob_id,
-                study_pk=row.study.id,
-                study_instance_uid=row.study.study_instance_uid,
-                patient_pk=row.patient.id,
-                clinic_id=row.study.clinic_id,
-            )
-            for row in _rows(session.execute(stmt), "IMAGE")
-            if row.instance is not None and row.study is not None
-        ]
+        return [StoredInstance(**row._mapping) for row in session.execute(stmt)]
