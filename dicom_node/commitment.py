@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -27,6 +26,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
@@ -56,9 +56,6 @@ REQUEST_COMMITMENT = 1
 
 RESPONSE_WAIT_SECONDS = 10.0
 """How long the report waits for the N-ACTION response to leave first."""
-
-RESPONSE_SETTLE_SECONDS = 0.05
-"""Pause between pynetdicom announcing the N-ACTION response and the report."""
 
 
 class StorageCommitment:
@@ -96,29 +93,24 @@ class StorageCommitment:
             log.exception("storage commitment %s from %s: request not stored",
                           transaction_uid, access.principal.name)  # fmt: skip
             return PROCESSING_FAILURE, None
-        sent = threading.Event()
-
-        def response_sent(e: evt.Event) -> None:
-            if isinstance(e.message, N_ACTION_RSP):
-                sent.set()
-
-        event.assoc.bind(evt.EVT_DIMSE_SENT, response_sent)
+        hooks = _ResponseSent()
+        event.assoc.bind(evt.EVT_DIMSE_SENT, hooks.on_message)
+        event.assoc.bind(evt.EVT_PDU_SENT, hooks.on_pdu)
         worker = threading.Thread(
             target=self._deliver,
-            args=(event.assoc, job_id, sent, response_sent),
+            args=(event.assoc, job_id, hooks),
             name="saf-commitment",
             daemon=True,
         )
         worker.start()
         return 0x0000, None
 
-    def _deliver(self, assoc: Association, job_id: int, sent: threading.Event, hook: Any) -> None:
+    def _deliver(self, assoc: Association, job_id: int, hooks: _ResponseSent) -> None:
         """First attempt of a report job, on the requester's association if still open."""
-        sent.wait(RESPONSE_WAIT_SECONDS)
-        # EVT_DIMSE_SENT fires just before the response is queued: let it leave.
-        time.sleep(RESPONSE_SETTLE_SECONDS)
+        hooks.sent.wait(RESPONSE_WAIT_SECONDS)
         with contextlib.suppress(Exception):  # the association may be gone already
-            assoc.unbind(evt.EVT_DIMSE_SENT, hook)
+            assoc.unbind(evt.EVT_DIMSE_SENT, hooks.on_message)
+            assoc.unbind(evt.EVT_PDU_SENT, hooks.on_pdu)
         new_association = make_report_transport(self.hub.settings.ae_title)
 
         def transport(destination: str, report: Report) -> str | None:
@@ -131,6 +123,30 @@ class StorageCommitment:
         except Exception:
             log.exception("storage commitment job %d: first attempt failed; the "
                           "forwarding loop retries it once its lease ends", job_id)  # fmt: skip
+
+
+class _ResponseSent:
+    """Sets `sent` once the N-ACTION response is on the wire, so that the report on the
+    same association follows it.
+
+    pynetdicom announces a message (EVT_DIMSE_SENT) before it queues its PDUs, and lets
+    another thread's send_n_event_report() in while the reactor is still in the N-ACTION
+    handler (it counts as paused there), so the report could otherwise reach the peer
+    first. The N-ACTION response is one P-DATA-TF PDU (a command set, no data set), and
+    nothing else is sent between it and the handler's return.
+    """
+
+    def __init__(self) -> None:
+        self.sent = threading.Event()
+        self._announced = False
+
+    def on_message(self, event: evt.Event) -> None:
+        if isinstance(event.message, N_ACTION_RSP):
+            self._announced = True
+
+    def on_pdu(self, event: evt.Event) -> None:
+        if self._announced and isinstance(event.pdu, P_DATA_TF):
+            self.sent.set()
 
 
 def make_report_transport(ae_title: str) -> ReportTransport:

@@ -6,6 +6,7 @@ dropped (audited) when too old."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StorageCommitmentPushModel,
@@ -96,21 +98,39 @@ def _on_report(reports: queue.Queue[tuple[int, Dataset]]):  # type: ignore[no-un
 
 
 def _commit(port: int, calling: str, request: Dataset, reports: queue.Queue, *, keep: bool) -> int:  # type: ignore[type-arg]
+    """N-ACTION `request` from `calling`; with `keep`, stay for the report on this association
+    (it goes to `reports`, as the listeners' do) and release once it has been answered."""
+    reported = threading.Event()  # our N-EVENT-REPORT handler ran ...
+    answered = threading.Event()  # ... and its response has left
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.put((int(event.request.EventTypeID), event.event_information))
+        reported.set()
+        return 0x0000, None
+
+    def on_pdu_sent(event: evt.Event) -> None:
+        if reported.is_set() and isinstance(event.pdu, P_DATA_TF):
+            answered.set()
+
     ae = AE(ae_title=calling)
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate(
         "127.0.0.1",
         port,
         ae_title="SAF",
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, _on_report(reports))],
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_PDU_SENT, on_pdu_sent)],
     )
     assert assoc.is_established
     status, _ = assoc.send_n_action(
         request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
     )
     if keep:
-        _reported_keep = _reported(reports)
-        reports.put(_reported_keep)
+        # pynetdicom lets release() in while the reactor still sends the N-EVENT-REPORT
+        # response (it marks itself paused while a handler runs); the response would then
+        # follow the A-RELEASE-RQ, which the state machine refuses, and the hub would wait
+        # for an answer that never comes.
+        assert reported.wait(REPORT_TIMEOUT), "no N-EVENT-REPORT on the association"
+        assert answered.wait(REPORT_TIMEOUT), "the N-EVENT-REPORT was not answered"
     assoc.release()
     return int(status.Status)
 
