@@ -14,6 +14,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from saf.clinics import add_clinic, list_clinics
 from saf.hub import Hub
 from saf.models import UNASSIGNED_CLINIC
+from tests.dicom_node.peer import associate, rejection
 from tests.factories import make_clinic, make_study, row_counts, running_node, stored_blob_ids
 
 
@@ -27,7 +28,7 @@ def _associate(port: int, calling: str, contexts: list[tuple[str, str]]) -> obje
     ae = AE(ae_title=calling)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, [syntax])
-    return ae.associate("127.0.0.1", port, ae_title="SAF")
+    return associate(ae, "127.0.0.1", port, ae_title="SAF")
 
 
 def test_echo_from_registered_peer(hub: Hub) -> None:
@@ -43,9 +44,7 @@ def test_unknown_calling_aet_is_rejected(hub: Hub) -> None:
     make_clinic(hub, aet="MODALITY_A")
     with running_node(hub) as (_, port):
         assoc = _associate(port, "STRANGER", [(Verification, ExplicitVRLittleEndian)])
-        assert assoc.is_rejected
-        rj = assoc.acceptor.primitive
-        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+        assert rejection(assoc) == (0x01, 0x01, 0x03)  # calling AE title not recognised
 
 
 def test_wrong_called_aet_is_rejected(hub: Hub) -> None:
@@ -53,8 +52,8 @@ def test_wrong_called_aet_is_rejected(hub: Hub) -> None:
     with running_node(hub) as (_, port):
         ae = AE(ae_title="MODALITY_A")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", port, ae_title="NOT_SAF")
-        assert assoc.is_rejected
+        assoc = associate(ae, "127.0.0.1", port, ae_title="NOT_SAF")
+        assert rejection(assoc) == (0x01, 0x01, 0x07)  # called AE title not recognised
 
 
 def test_unknown_peer_lands_in_unassigned_clinic_when_allowed(hub: Hub, tmp_path: Path) -> None:
@@ -162,6 +161,6 @@ def test_ae_title_pinned_to_another_host_is_rejected(hub: Hub) -> None:
     with running_node(hub) as (_, port):
         far = _associate(port, "PINNED", [(Verification, ExplicitVRLittleEndian)])
         near = _associate(port, "LOCAL", [(Verification, ExplicitVRLittleEndian)])
-        assert far.is_rejected
+        assert rejection(far) == (0x01, 0x01, 0x03)
         assert near.is_established
         near.release()

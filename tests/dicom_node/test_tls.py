@@ -21,6 +21,7 @@ from saf.clinics import add_clinic
 from saf.hub import Hub
 from saf.models import AuditRecord
 from tests.dicom_node.certs import KeyPair, Pki, make_pki
+from tests.dicom_node.peer import associate, rejection
 from tests.factories import make_study, row_counts
 
 
@@ -53,7 +54,7 @@ def _associate(
     ae.add_requested_context(Verification)
     context = client_context(pki.ca, client.cert, client.key) if client else client_context(pki.ca)
     host, port = address
-    return ae.associate(host, port, ae_title="SAF", tls_args=(context, host) if tls else None)
+    return associate(ae, host, port, ae_title="SAF", tls_args=(context, host) if tls else None)
 
 
 def _association_audit(hub: Hub) -> list[tuple[int, str]]:
@@ -86,9 +87,7 @@ def test_pinned_peer_with_another_valid_certificate_is_rejected(hub: Hub, pki: P
     clinic = add_clinic(hub, "Clinic A", "MODALITY_A", cert_sha256=pki.client.sha256)
     with tls_node(hub, pki) as node:
         assoc = _associate(node.tls_address, pki, pki.other_client)
-        assert assoc.is_rejected
-        rj = assoc.acceptor.primitive
-        assert rj is not None and (rj.result_source, rj.diagnostic) == (0x01, 0x03)
+        assert rejection(assoc) == (0x01, 0x01, 0x03)
     with hub.sessions() as session:
         record = session.scalars(select(AuditRecord)).one()
     assert (record.outcome, record.clinic_id) == (4, clinic.id)
@@ -99,7 +98,7 @@ def test_pinned_peer_on_the_plain_port_is_rejected(hub: Hub, pki: Pki) -> None:
     add_clinic(hub, "Clinic A", "MODALITY_A", cert_sha256=pki.client.sha256)
     with tls_node(hub, pki) as node:
         assoc = _associate(node.address, pki, None, tls=False)
-        assert assoc.is_rejected
+        assert rejection(assoc) == (0x01, 0x01, 0x03)
     [(outcome, detail)] = _association_audit(hub)
     assert outcome == 4 and "tls=no" in detail and "must connect over TLS" in detail
 
@@ -126,7 +125,7 @@ def test_plain_dicom_to_the_tls_port_gets_nothing_and_is_audited(hub: Hub, pki: 
     add_clinic(hub, "Clinic A", "MODALITY_A")
     with tls_node(hub, pki) as node:
         assoc = _associate(node.tls_address, pki, None, tls=False)
-        assert not assoc.is_established and not assoc.is_rejected
+        assert not assoc.is_established and rejection(assoc) is None
         _wait_for(lambda: bool(_association_audit(hub)))
     [(outcome, detail)] = _association_audit(hub)
     assert outcome == 4
@@ -168,8 +167,8 @@ def test_tls_only_without_client_certificates(hub: Hub, pki: Pki) -> None:
         ae = AE(ae_title="PINNED")
         ae.add_requested_context(Verification)
         host, port = node.tls_address
-        pinned = ae.associate(host, port, ae_title="SAF", tls_args=(client_context(pki.ca), host))
-        assert pinned.is_rejected
+        pinned = associate(ae, host, port, ae_title="SAF", tls_args=(client_context(pki.ca), host))
+        assert rejection(pinned) == (0x01, 0x01, 0x03)
 
 
 def test_unusable_tls_files_fail_before_listening(hub: Hub, pki: Pki, tmp_path: Path) -> None:
