@@ -24,7 +24,7 @@ run: $(STAMP_RUN)
 	$(BIN)/saf up --demo
 
 ## Run the whole test suite (slow tests included), then lint and type checks.
-## TEST_WORKERS=3 runs them in three pytest-xdist processes (12.5 instead of 27 min on
+## TEST_WORKERS=3 runs them in three pytest-xdist processes (12.5 instead of 22-27 min on
 ## two cores), but that load still exposes a pynetdicom race (README, Development), so
 ## the default, and CI, run them in one process.
 TEST_WORKERS ?= 0
