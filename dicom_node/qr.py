@@ -186,9 +186,10 @@ class QueryRetrieve:
         yield len(items)
         yield from self._send_all(
             event,
+            access,
             items,
             lambda: accepted[0].accepted_contexts if accepted else [],
-            lambda: self._audit_retrieve(access, items, f"move to {destination}"),
+            f"move to {destination}",
         )
 
     def _destination(self, access: PeerAccess, ae_title: str) -> tuple[str, int] | None:
@@ -224,10 +225,7 @@ class QueryRetrieve:
             return
         yield len(items)
         yield from self._send_all(
-            event,
-            items,
-            lambda: event.assoc.accepted_contexts,
-            lambda: self._audit_retrieve(access, items, "get"),
+            event, access, items, lambda: event.assoc.accepted_contexts, "get"
         )
 
     # ------------------------------------------------------------------ shared
@@ -244,18 +242,20 @@ class QueryRetrieve:
     def _send_all(
         self,
         event: evt.Event,
+        access: PeerAccess,
         items: list[StoredInstance],
         contexts: Callable[[], list[PresentationContext]],
-        audit_retrieve: Callable[[], None],
+        how: str,
     ) -> Iterator[tuple[int, Dataset | None]]:
         """(0xFF00, dataset) per instance, read ahead by a reader thread.
 
         The blob reads and decryption (which release the GIL for most of their time)
         run in one reader thread up to READ_AHEAD instances ahead of the one on the
         wire, so they overlap the network and the peer's C-STORE responses; at most
-        READ_AHEAD + 2 instances are held in memory. `audit_retrieve` writes the audit
-        record once the reader has started and before the first instance is yielded:
-        nothing leaves the hub unaudited, and the first reads overlap its commit.
+        READ_AHEAD + 2 instances are held in memory. The audit records (`how`: "get"
+        or "move to AE") are written once the reader has started and before the first
+        instance is yielded: nothing leaves the hub unaudited, and the first reads
+        overlap their commit.
         """
         headers = self._blob_headers(items)
         ready: queue.Queue[bytes | None] = queue.Queue(maxsize=READ_AHEAD)
@@ -278,7 +278,7 @@ class QueryRetrieve:
         accepted: list[PresentationContext] = []  # fixed once the association is up
         by_class: dict[str, frozenset[str]] = {}  # SOP class -> syntaxes we may send it in
         try:
-            audit_retrieve()
+            self._audit_retrieve(access, items, how)
             for item in items:
                 data = ready.get()
                 if event.is_cancelled:

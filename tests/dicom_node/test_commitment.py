@@ -89,9 +89,11 @@ def _reported(reports: queue.Queue[tuple[int, Dataset]]) -> tuple[int, Dataset]:
     return reports.get(timeout=REPORT_TIMEOUT)
 
 
-def _on_report(reports: queue.Queue[tuple[int, Dataset]]):  # type: ignore[no-untyped-def]
+def _on_report(reports: queue.Queue[tuple[int, Dataset]], reported: threading.Event | None = None):  # type: ignore[no-untyped-def]
     def handler(event: evt.Event) -> tuple[int, None]:
         reports.put((int(event.request.EventTypeID), event.event_information))
+        if reported is not None:
+            reported.set()
         return 0x0000, None
 
     return handler
@@ -103,11 +105,6 @@ def _commit(port: int, calling: str, request: Dataset, reports: queue.Queue, *, 
     reported = threading.Event()  # our N-EVENT-REPORT handler ran ...
     answered = threading.Event()  # ... and its response has left
 
-    def on_report(event: evt.Event) -> tuple[int, None]:
-        reports.put((int(event.request.EventTypeID), event.event_information))
-        reported.set()
-        return 0x0000, None
-
     def on_pdu_sent(event: evt.Event) -> None:
         if reported.is_set() and isinstance(event.pdu, P_DATA_TF):
             answered.set()
@@ -118,7 +115,10 @@ def _commit(port: int, calling: str, request: Dataset, reports: queue.Queue, *, 
         "127.0.0.1",
         port,
         ae_title="SAF",
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_PDU_SENT, on_pdu_sent)],
+        evt_handlers=[
+            (evt.EVT_N_EVENT_REPORT, _on_report(reports, reported)),
+            (evt.EVT_PDU_SENT, on_pdu_sent),
+        ],
     )
     assert assoc.is_established
     status, _ = assoc.send_n_action(
